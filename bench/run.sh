@@ -1,0 +1,367 @@
+#!/usr/bin/env bash
+# Whole-process benchmark: cairn against restic and against physical baselines (tar, b3sum,
+# zstd, cp) on real datasets, one run, everything measured with the page cache warm.
+# Writes a markdown report (default docs/benchmarks.md). See bench/README.md.
+#
+# Environment:
+#   CAIRN           cairn binary            (default: target/release/cairn)
+#   BENCHDATA       directory holding fs-v1 fs-v2 mem-v1 mem-v2 (default: ./benchdata)
+#   DATASET_SCRIPT  if the datasets are missing, run this (with BENCHDATA exported) to build them
+#   OUT             report path             (default: docs/benchmarks.md)
+#   BENCH_TMP       where repositories, restores and copies go (default: $BENCHDATA, so they
+#                   are on the same disk as the data); a fresh temp dir is made and removed
+#   BENCH_GROUPS    dataset groups to run   (default: "fs mem")
+#   SKIP_RESTIC=1   do not run restic;  SKIP_BASELINES=1  do not run the physical baselines
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE="$ROOT/bench"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+abspath() { # absolute path without requiring it to exist
+  case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s/%s\n' "$PWD" "$1" ;; esac
+}
+
+CAIRN=$(abspath "${CAIRN:-$ROOT/target/release/cairn}")
+BENCHDATA=$(abspath "${BENCHDATA:-$ROOT/benchdata}")
+OUT=$(abspath "${OUT:-$ROOT/docs/benchmarks.md}")
+GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem}
+SKIP_RESTIC=${SKIP_RESTIC:-0}
+SKIP_BASELINES=${SKIP_BASELINES:-0}
+export RESTIC_PASSWORD=bench
+
+# ---------------------------------------------------------------- prerequisites
+[ -x "$CAIRN" ] || die "cairn binary not found at $CAIRN: build it: cargo build --release -p cairn-cli (or set CAIRN=/path/to/cairn)"
+command -v python3 >/dev/null || die "python3 is needed (JSON parsing and bench/table.py)"
+if [ ! -x /usr/bin/time ]; then
+  log "/usr/bin/time missing: installing the 'time' package"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null; } \
+      || die "could not install 'time'"
+  else
+    die "/usr/bin/time (GNU time) is needed: apt-get install time"
+  fi
+fi
+
+HAVE_RESTIC=0
+if [ "$SKIP_RESTIC" != 1 ] && command -v restic >/dev/null; then HAVE_RESTIC=1; fi
+
+datasets_missing() {
+  local m=()
+  [ -d "$BENCHDATA/fs-v1" ] || m+=(fs-v1)
+  [ -d "$BENCHDATA/fs-v2" ] || m+=(fs-v2)
+  [ -f "$BENCHDATA/mem-v1" ] || m+=(mem-v1)
+  [ -f "$BENCHDATA/mem-v2" ] || m+=(mem-v2)
+  echo "${m[*]:-}"
+}
+missing=$(datasets_missing)
+if [ -n "$missing" ]; then
+  if [ -n "${DATASET_SCRIPT:-}" ]; then
+    log "datasets missing in $BENCHDATA ($missing): building them with $DATASET_SCRIPT"
+    mkdir -p "$BENCHDATA"
+    if [ -x "$DATASET_SCRIPT" ]; then BENCHDATA="$BENCHDATA" "$DATASET_SCRIPT"
+    else BENCHDATA="$BENCHDATA" bash "$DATASET_SCRIPT"; fi
+    missing=$(datasets_missing)
+    [ -z "$missing" ] || die "$DATASET_SCRIPT ran but $BENCHDATA still lacks: $missing"
+  else
+    die "datasets missing in $BENCHDATA: $missing.
+  set BENCHDATA to a directory holding fs-v1 fs-v2 mem-v1 mem-v2 (see bench/README.md),
+  or set DATASET_SCRIPT to a script that builds them into \$BENCHDATA"
+  fi
+fi
+
+# ---------------------------------------------------------------- work dir + cleanup
+BENCH_TMP=$(abspath "${BENCH_TMP:-$BENCHDATA}")
+[ -d "$BENCH_TMP" ] && [ -w "$BENCH_TMP" ] || die "BENCH_TMP=$BENCH_TMP is not a writable directory (set BENCH_TMP to one on the same disk as the data)"
+WORK=$(mktemp -d "$BENCH_TMP/.cairn-bench.XXXXXX")
+cleanup() {
+  local rc=$?
+  if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
+    rm -rf -- "$WORK" 2>/dev/null || { chmod -R u+rwx -- "$WORK" 2>/dev/null; rm -rf -- "$WORK"; } || true
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+LOG="$WORK/log"; mkdir -p "$LOG"
+RES="$WORK/results.tsv"; : >"$RES"
+FAILED=0
+
+rec() { # rec KEY VALUE  (one line per key; newlines escaped, tabs -> spaces)
+  local v=${2//$'\t'/ }
+  v=${v//\\/\\\\}
+  printf '%s\t%s\n' "$1" "${v//$'\n'/\\n}" >>"$RES"
+}
+
+# measure KEY CMD...: run CMD once under GNU time; stdout -> $LOG/KEY.out, stderr -> $LOG/KEY.err.
+# Records KEY.s (elapsed), KEY.rss_kib (peak RSS) and KEY.rc. Returns CMD's status.
+measure() {
+  local key=$1; shift
+  local tf="$LOG/$key.time" rc=0
+  log "run   $key: $*"
+  /usr/bin/time -f '%e %M' -o "$tf" "$@" >"$LOG/$key.out" 2>"$LOG/$key.err" || rc=$?
+  local line; line=$(tail -n 1 "$tf" 2>/dev/null || true)
+  rec "$key.s" "${line%% *}"
+  rec "$key.rss_kib" "${line##* }"
+  rec "$key.rc" "$rc"
+  if [ "$rc" -ne 0 ]; then
+    FAILED=$((FAILED + 1))
+    rec "$key.error" "$(tail -n 5 "$LOG/$key.err")"
+    log "FAIL  $key (exit $rc): $(tail -n 3 "$LOG/$key.err")"
+  else
+    log "done  $key: ${line%% *} s, peak RSS ${line##* } KiB"
+  fi
+  sync # let writeback of this step finish before the next one starts (not measured)
+  return "$rc"
+}
+
+skip() { rec "$1.skipped" "$2"; log "skip  $1: $2"; }
+
+jget() { # jget FILE a.b.c : a field of a JSON document
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+v = json.load(open(sys.argv[1]))
+for k in sys.argv[2].split('.'):
+    v = v[k]
+print(v)
+EOF
+}
+
+restic_snapshot_id() { # the snapshot id from `restic backup --json` output
+  python3 - "$1" <<'EOF'
+import json, sys
+sid = None
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line.startswith('{'):
+        continue
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if d.get('message_type') == 'summary':
+        sid = d.get('snapshot_id')
+if not sid:
+    sys.exit(1)
+print(sid)
+EOF
+}
+
+du_bytes() { if [ -e "$1" ]; then du -sb "$1" | cut -f1; else echo 0; fi; }
+logical_bytes() { du -sb --apparent-size "$1" | cut -f1; }
+tree_summary() { # "F files, B bytes, L symlinks, D dirs" for a file or a directory
+  find "$1" -printf '%y %s\n' | awk '
+    $1=="f"{f++; b+=$2} $1=="l"{l++} $1=="d"{d++}
+    END{printf "%d files, %d bytes, %d symlinks, %d dirs\n", f, b, l, d}'
+}
+verify() { # verify KEY SOURCE RESTORED : compare counts and sizes (cmp for single files)
+  local key=$1 src=$2 dst=$3 a b
+  if [ ! -e "$dst" ]; then rec "$key.verify" "restored data not found at $dst"; FAILED=$((FAILED + 1)); return; fi
+  if [ -f "$src" ]; then
+    if cmp -s "$src" "$dst"; then rec "$key.verify" "ok (identical bytes)"
+    else rec "$key.verify" "MISMATCH: restored file differs"; FAILED=$((FAILED + 1)); fi
+    return
+  fi
+  a=$(tree_summary "$src"); b=$(tree_summary "$dst")
+  if [ "$a" = "$b" ]; then rec "$key.verify" "ok ($a)"
+  else rec "$key.verify" "MISMATCH: source $a; restored $b"; FAILED=$((FAILED + 1)); fi
+}
+
+warm() { # read a dataset fully through a pipe (tar to /dev/null directly would skip the reads)
+  log "warm  $1"
+  if [ -d "$1" ]; then tar cf - -C "$1" . | cat >/dev/null
+  else cat "$1" | cat >/dev/null; fi
+}
+
+tar_src() { # tar arguments that archive a directory's contents or a single file
+  if [ -d "$1" ]; then printf '%s\0%s\0%s\0' -C "$1" .
+  else printf '%s\0%s\0%s\0' -C "$(dirname "$1")" "$(basename "$1")"; fi
+}
+
+# ---------------------------------------------------------------- machine + datasets
+rec meta.date "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+rec meta.host "$(hostname 2>/dev/null || echo '?')"
+rec meta.nproc "$(nproc)"
+rec meta.cpu "$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)"
+rec meta.kernel "$(uname -srm)"
+rec meta.free "$(free -g)"
+commit=$(git -C "$ROOT" rev-parse --verify -q HEAD 2>/dev/null || echo "no commit yet")
+if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then commit="$commit (uncommitted changes)"; fi
+rec meta.commit "$commit"
+rec meta.cairn_bin "$CAIRN"
+rec meta.cairn_version "$("$CAIRN" --version 2>&1 | head -n 1)"
+case $CAIRN in */debug/*) rec meta.debug_build yes ;; *) rec meta.debug_build no ;; esac
+rec meta.restic "$HAVE_RESTIC"
+if [ "$HAVE_RESTIC" = 1 ]; then rec meta.restic_version "$(restic version 2>&1 | head -n 1)"; fi
+rec meta.tools "$(tar --version | head -n 1); $(zstd --version 2>/dev/null | head -n 1 || echo 'zstd missing'); $(b3sum --version 2>/dev/null || echo 'b3sum missing')"
+rec meta.benchdata "$BENCHDATA"
+rec meta.workdir_fs "$(df -T "$WORK" | awk 'NR==2{print $2" on "$1}')"
+rec meta.same_disk "$([ "$(stat -c %d "$WORK")" = "$(stat -c %d "$BENCHDATA/fs-v1")" ] && echo yes || echo no)"
+rec meta.groups "$GROUPS_TO_RUN"
+
+total=0
+for ds in fs-v1 fs-v2 mem-v1 mem-v2; do
+  p="$BENCHDATA/$ds"
+  b=$(logical_bytes "$p"); total=$((total + b))
+  rec "ds.$ds.bytes" "$b"
+  rec "ds.$ds.disk" "$(du_bytes "$p")"
+  rec "ds.$ds.summary" "$(tree_summary "$p")"
+done
+avail=$(df -B1 --output=avail "$WORK" | tail -n 1 | tr -d ' ')
+if [ "$avail" -lt $((total * 2)) ]; then
+  log "warning: only $avail bytes free under $BENCH_TMP for about $((total * 2)) bytes of repositories, restores and copies"
+fi
+
+# ---------------------------------------------------------------- cairn
+cairn_group() { # cairn_group GROUP V1 V2 KIND
+  local g=$1 v1=$2 v2=$3 kind=$4 k="cairn.$1"
+  local repo="$WORK/cairn-$g-repo" cache="$WORK/cairn-$g-cache" target="$WORK/restore-cairn-$g"
+  local -a cairn=(env "CAIRN_REPO=$repo" "CAIRN_CACHE_DIR=$cache" "$CAIRN")
+  local id1="" id2=""
+  if ! "${cairn[@]}" init >"$LOG/$k.init.out" 2>&1; then
+    rec "$k.init.error" "$(tail -n 5 "$LOG/$k.init.out")"; FAILED=$((FAILED + 1))
+    skip "$k" "cairn init failed"; return
+  fi
+  if measure "$k.push1" "${cairn[@]}" push "$v1" --kind "$kind" --parent none --json; then
+    id1=$(jget "$LOG/$k.push1.out" snapshot || true)
+  fi
+  rec "$k.push1.stored" "$(du_bytes "$repo")"
+  if [ -n "$id1" ]; then
+    if measure "$k.push2" "${cairn[@]}" push "$v2" --kind "$kind" --parent "$id1" --json; then
+      id2=$(jget "$LOG/$k.push2.out" snapshot || true)
+    fi
+    rec "$k.push2.stored" "$(du_bytes "$repo")"
+  else
+    skip "$k.push2" "first push failed or printed no snapshot id"
+  fi
+  for step in push1 push2; do # details from the push JSON
+    [ -s "$LOG/$k.$step.out" ] || continue
+    python3 - "$LOG/$k.$step.out" "$k.$step" >>"$RES" <<'EOF' || true
+import json, sys
+d = json.load(open(sys.argv[1])); k = sys.argv[2]
+s = d.get('stats', {})
+for f in ('bytes', 'bytes_read', 'files', 'new_chunks', 'new_bytes', 'stored_bytes'):
+    if f in s: print(f"{k}.json.{f}\t{s[f]}")
+for f in ('files_unchanged', 'packs', 'seconds', 'parent'):
+    if f in d: print(f"{k}.json.{f}\t{d[f]}")
+EOF
+  done
+  if [ -n "$id2" ]; then
+    mkdir -p "$target"
+    if measure "$k.restore" "${cairn[@]}" restore "$id2" "$target"; then
+      if [ -f "$v2" ]; then verify "$k.restore" "$v2" "$target/$(basename "$v2")"
+      else verify "$k.restore" "$v2" "$target"; fi
+    fi
+    rm -rf -- "$target"; sync
+  else
+    skip "$k.restore" "incremental push failed or printed no snapshot id"
+  fi
+  if "${cairn[@]}" stats --json >"$LOG/$k.stats.json" 2>"$LOG/$k.stats.err"; then
+    python3 - "$LOG/$k.stats.json" "$k" >>"$RES" <<'EOF' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for f, v in d.items():
+    print(f"{sys.argv[2]}.stats.{f}\t{v}")
+EOF
+  fi
+  rec "$k.cache_bytes" "$(du_bytes "$cache")"
+  rm -rf -- "$repo" "$cache"; sync
+}
+
+# ---------------------------------------------------------------- restic
+restic_group() { # restic_group GROUP V1 V2
+  local g=$1 v1=$2 v2=$3 k="restic.$1"
+  local repo="$WORK/restic-$g-repo" cache="$WORK/restic-$g-cache" target="$WORK/restore-restic-$g"
+  local -a restic=(restic -r "$repo" --cache-dir "$cache")
+  local id1="" id2=""
+  if ! restic init --repo "$repo" --cache-dir "$cache" >"$LOG/$k.init.out" 2>&1; then
+    rec "$k.init.error" "$(tail -n 5 "$LOG/$k.init.out")"; FAILED=$((FAILED + 1))
+    skip "$k" "restic init failed"; return
+  fi
+  if measure "$k.push1" "${restic[@]}" backup --json "$v1"; then
+    id1=$(restic_snapshot_id "$LOG/$k.push1.out" || true)
+  fi
+  rec "$k.push1.stored" "$(du_bytes "$repo")"
+  if [ -n "$id1" ]; then
+    if measure "$k.push2" "${restic[@]}" backup --json --parent "$id1" "$v2"; then
+      id2=$(restic_snapshot_id "$LOG/$k.push2.out" || true)
+    fi
+    rec "$k.push2.stored" "$(du_bytes "$repo")"
+  else
+    skip "$k.push2" "first backup failed or printed no snapshot id"
+  fi
+  for step in push1 push2; do
+    [ -s "$LOG/$k.$step.out" ] || continue
+    python3 - "$LOG/$k.$step.out" "$k.$step" >>"$RES" <<'EOF' || true
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if d.get('message_type') == 'summary':
+        for f in ('data_added', 'files_new', 'files_changed', 'files_unmodified', 'total_duration', 'snapshot_id'):
+            if f in d: print(f"{sys.argv[2]}.json.{f}\t{d[f]}")
+EOF
+  done
+  if [ -n "$id2" ]; then
+    mkdir -p "$target"
+    if measure "$k.restore" "${restic[@]}" restore "$id2" --target "$target"; then
+      verify "$k.restore" "$v2" "$target/${v2#/}" # restic restores under the full source path
+    fi
+    rm -rf -- "$target"; sync
+  else
+    skip "$k.restore" "incremental backup failed or printed no snapshot id"
+  fi
+  rec "$k.cache_bytes" "$(du_bytes "$cache")"
+  rm -rf -- "$repo" "$cache"; sync
+}
+
+# ---------------------------------------------------------------- physical baselines
+baselines() { # baselines DATASET
+  local ds=$1 p="$BENCHDATA/$1" k="base.$1"
+  local -a src; mapfile -d '' src < <(tar_src "$p")
+  measure "$k.read" bash -o pipefail -c 'tar cf - "$@" | cat >/dev/null' _ "${src[@]}" || true
+  if command -v b3sum >/dev/null; then
+    measure "$k.b3sum" bash -o pipefail -c 'find "$1" -type f -print0 | xargs -0 cat | b3sum >/dev/null' _ "$p" || true
+  else skip "$k.b3sum" "b3sum not installed"; fi
+  if command -v zstd >/dev/null; then
+    measure "$k.zstd1" bash -o pipefail -c 'tar cf - "$@" | zstd -1 -T1 -c >/dev/null' _ "${src[@]}" || true
+    measure "$k.zstd3" bash -o pipefail -c 'tar cf - "$@" | zstd -3 -T1 -c >/dev/null' _ "${src[@]}" || true
+  else skip "$k.zstd1" "zstd not installed"; skip "$k.zstd3" "zstd not installed"; fi
+  measure "$k.cp" cp -a "$p" "$WORK/cp-target" || true
+  rm -rf -- "$WORK/cp-target"; sync
+}
+
+# ---------------------------------------------------------------- run
+log "cairn: $CAIRN; data: $BENCHDATA; work dir: $WORK; restic: $([ "$HAVE_RESTIC" = 1 ] && echo yes || echo no)"
+case $CAIRN in */debug/*) log "warning: this is a debug build; the numbers will not be representative" ;; esac
+for g in $GROUPS_TO_RUN; do
+  case $g in
+    fs) v1="$BENCHDATA/fs-v1"; v2="$BENCHDATA/fs-v2"; kind=fs ;;
+    mem) v1="$BENCHDATA/mem-v1"; v2="$BENCHDATA/mem-v2"; kind=memory ;;
+    *) die "unknown group '$g' in BENCH_GROUPS (fs, mem)" ;;
+  esac
+  warm "$v1"; warm "$v2"
+  cairn_group "$g" "$v1" "$v2" "$kind"
+  if [ "$HAVE_RESTIC" = 1 ]; then
+    warm "$v1"; warm "$v2"
+    restic_group "$g" "$v1" "$v2"
+  fi
+  if [ "$SKIP_BASELINES" != 1 ]; then
+    for ds in "$v1" "$v2"; do warm "$ds"; baselines "$(basename "$ds")"; done
+  fi
+done
+rec meta.failed_steps "$FAILED"
+
+mkdir -p "$(dirname "$OUT")"
+python3 "$HERE/table.py" "$RES" "$OUT"
+log "report written to $OUT"
+cat "$OUT"
+if [ "$FAILED" -gt 0 ]; then
+  log "$FAILED step(s) failed or did not verify; see the report"
+  exit 1
+fi

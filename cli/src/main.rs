@@ -1,0 +1,423 @@
+//! `cairn`: the command line. Each subcommand parses its arguments, calls one library
+//! function of `cairn-store` (or `cairn-fuse`, `cairn-gc`) and prints the result, as text
+//! for people or as JSON with `--json`.
+
+mod progress;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use cairn_store::commands;
+use cairn_store::format::config::Chunking;
+use cairn_store::push::{ParentSpec, PushOptions};
+use cairn_store::{Kind, Repository};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit codes, documented in `cairn --help` and docs/operations.md.
+const EXIT_ERROR: u8 = 1;
+const EXIT_DAMAGE: u8 = 3;
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Content-addressed snapshots of sandbox filesystems and memory images",
+    after_help = "Exit codes: 0 success, 1 error, 2 usage error, 3 check found damage, 130 interrupted.\n\
+                  Logging: RUST_LOG=cairn_store=debug (to stderr)."
+)]
+struct Cli {
+    /// Repository: a directory path, file:///path, s3://bucket/prefix (AWS_* environment) or memory://.
+    #[arg(long, short = 'r', env = "CAIRN_REPO", global = true)]
+    repo: Option<String>,
+    /// Local cache directory (default $XDG_CACHE_HOME/cairn). Deleting it loses nothing.
+    #[arg(long, env = "CAIRN_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Fs,
+    Memory,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new repository.
+    Init {
+        /// Average content-defined chunk size for files, in bytes (min = avg/4, max = avg*4).
+        #[arg(long)]
+        fs_chunk_avg: Option<u32>,
+        /// Fixed chunk size for memory images, in bytes (a multiple of 4096).
+        #[arg(long)]
+        memory_chunk: Option<u32>,
+    },
+    /// Store a directory (or, with --kind memory, a memory image file) as a new snapshot.
+    /// Prints the new snapshot id as the last line of stdout.
+    Push {
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "fs")]
+        kind: KindArg,
+        /// A key=value tag; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// auto (latest snapshot of this host and path), none, or a snapshot id.
+        #[arg(long, default_value = "auto")]
+        parent: String,
+        /// Let the snapshot expire after this long (e.g. 7d, 12h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expire_in: Option<std::time::Duration>,
+        /// Host name recorded in the snapshot (default: this machine's).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// List snapshots, oldest first.
+    Snapshots,
+    /// Show one snapshot's root object.
+    Show { snapshot: String },
+    /// List a directory of a snapshot: SNAPSHOT[:/path].
+    Ls {
+        target: String,
+        /// List everything below, not just one level.
+        #[arg(long, short = 'R')]
+        recursive: bool,
+    },
+    /// Write one file of a snapshot to stdout: SNAPSHOT:/path.
+    Cat { target: String },
+    /// Restore a snapshot (or SNAPSHOT:/path) into a directory.
+    Restore { target: String, dir: PathBuf },
+    /// Show what changed between two snapshots.
+    Diff { a: String, b: String },
+    /// Repository totals: snapshots, packs, chunks, bytes.
+    Stats,
+    /// Verify the repository: structure, and with --read-data every chunk's BLAKE3.
+    Check {
+        #[arg(long)]
+        read_data: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    runtime.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted; stopping (press Ctrl-C again to exit at once)");
+            flag.store(true, Ordering::SeqCst);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(EXIT_INTERRUPTED as i32);
+            }
+        }
+    });
+    match runtime.block_on(run(cli, &cancel)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if matches!(e.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Interrupted)) {
+                eprintln!("interrupted: nothing was committed");
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn repo_url(cli: &Cli) -> Result<String> {
+    cli.repo.clone().ok_or_else(|| anyhow!("no repository given: use --repo or set CAIRN_REPO"))
+}
+
+fn cache_root(cli: &Cli) -> PathBuf {
+    cli.cache_dir.clone().unwrap_or_else(cairn_store::cache::default_cache_root)
+}
+
+async fn open(cli: &Cli) -> Result<Repository> {
+    let url = repo_url(cli)?;
+    Repository::open(&url, &cache_root(cli)).await.with_context(|| format!("opening repository {url}"))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Split `SNAPSHOT:/path` into its parts.
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once(':') {
+        Some((snap, path)) => (snap, Some(path)),
+        None => (target, None),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
+    match &cli.command {
+        Command::Init { fs_chunk_avg, memory_chunk } => {
+            let mut chunking = Chunking::default();
+            if let Some(avg) = fs_chunk_avg {
+                chunking.fs_avg = *avg;
+                chunking.fs_min = avg / 4 / 2 * 2;
+                chunking.fs_max = avg.saturating_mul(4);
+            }
+            if let Some(m) = memory_chunk {
+                chunking.memory = *m;
+            }
+            let url = repo_url(&cli)?;
+            let repo = Repository::init(&url, chunking, &cache_root(&cli)).await?;
+            if cli.json {
+                print_json(repo.config())?;
+            } else {
+                println!("created repository {} at {url}", repo.config().id);
+            }
+        }
+        Command::Push { path, kind, tags, parent, expire_in, host } => {
+            let repo = open(&cli).await?;
+            let tags = tags
+                .iter()
+                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .collect::<Option<BTreeMap<_, _>>>()
+                .ok_or_else(|| anyhow!("tags must look like key=value"))?;
+            let opts = PushOptions {
+                source: path.clone(),
+                kind: match kind {
+                    KindArg::Fs => Kind::Fs,
+                    KindArg::Memory => Kind::Memory,
+                },
+                tags,
+                parent: match parent.as_str() {
+                    "auto" => ParentSpec::Auto,
+                    "none" => ParentSpec::None,
+                    id => ParentSpec::Id(id.to_string()),
+                },
+                expire_in: *expire_in,
+                host: host.clone(),
+            };
+            let bar = progress::Bar::bytes(None, "push");
+            let result = cairn_store::push::push(&repo, &opts, &bar, cancel).await;
+            bar.finish();
+            let summary = result.with_context(|| format!("pushing {}", path.display()))?;
+            let s = &summary.stats;
+            if cli.json {
+                print_json(&summary)?;
+            }
+            eprintln!(
+                "pushed {} files, {} dirs, {} other; {} logical, {} read ({} files unchanged)\n\
+                 new: {} chunks, {} plain, {} stored in {} packs; dedup+compression ratio {:.2}\n\
+                 {} requests ({} PUT, {} GET, {} LIST), {} up, {:.2}s",
+                s.files,
+                s.dirs,
+                s.others,
+                bytes(s.bytes),
+                bytes(s.bytes_read),
+                summary.files_unchanged,
+                s.new_chunks,
+                bytes(s.new_bytes),
+                bytes(s.stored_bytes),
+                summary.packs,
+                summary.dedup_ratio(),
+                summary.requests.requests(),
+                summary.requests.puts,
+                summary.requests.gets,
+                summary.requests.lists,
+                bytes(summary.requests.bytes_up),
+                summary.seconds,
+            );
+            if !cli.json {
+                println!("{}", summary.snapshot);
+            }
+        }
+        Command::Snapshots => {
+            let repo = open(&cli).await?;
+            let snaps = repo.snapshots().await?;
+            if cli.json {
+                let list: Vec<_> = snaps
+                    .iter()
+                    .map(|(id, s)| serde_json::json!({"id": id.to_hex(), "snapshot": s}))
+                    .collect();
+                print_json(&list)?;
+            } else {
+                println!("{:<10} {:<20} {:<12} {:<6} {:>10}  source / tags", "id", "time", "host", "kind", "size");
+                for (id, s) in &snaps {
+                    let tags: Vec<String> = s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!(
+                        "{:<10} {:<20} {:<12} {:<6} {:>10}  {} {}",
+                        id.short(),
+                        s.time.get(..19).unwrap_or(&s.time),
+                        s.host,
+                        format!("{:?}", s.kind).to_lowercase(),
+                        bytes(s.stats.bytes),
+                        s.source,
+                        tags.join(",")
+                    );
+                }
+                println!("{} snapshots", snaps.len());
+            }
+        }
+        Command::Show { snapshot } => {
+            let repo = open(&cli).await?;
+            let (id, snap) = repo.resolve_snapshot(snapshot).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
+            } else {
+                println!("snapshot {id}");
+                println!("time     {}\nhost     {}\nsource   {}\nkind     {:?}", snap.time, snap.host, snap.source, snap.kind);
+                println!("parent   {}", snap.parent.map(|p| p.to_hex()).unwrap_or_else(|| "-".into()));
+                println!("expires  {}", snap.expires.as_deref().unwrap_or("never"));
+                for (k, v) in &snap.tags {
+                    println!("tag      {k}={v}");
+                }
+                let s = &snap.stats;
+                println!(
+                    "contents {} files, {} dirs, {} other, {}\nstored   {} new chunks, {} new plain, {} packed",
+                    s.files, s.dirs, s.others, bytes(s.bytes), s.new_chunks, bytes(s.new_bytes), bytes(s.stored_bytes)
+                );
+            }
+        }
+        Command::Ls { target, recursive } => {
+            let repo = open(&cli).await?;
+            let (spec, path) = split_target(target);
+            let (_, snap) = repo.resolve_snapshot(spec).await?;
+            let entries = commands::ls(&repo, &snap, path.unwrap_or("/"), *recursive).await?;
+            if cli.json {
+                print_json(&entries)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                for e in entries {
+                    let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
+                    writeln!(out, "{:<8} {:>5o} {:>5}:{:<5} {:>12} {} {}{}", e.kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.path, target)?;
+                }
+            }
+        }
+        Command::Cat { target } => {
+            let repo = open(&cli).await?;
+            let (spec, path) = split_target(target);
+            let path = path.ok_or_else(|| anyhow!("cat needs SNAPSHOT:/path"))?;
+            let (_, snap) = repo.resolve_snapshot(spec).await?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+            commands::cat(&repo, &snap, path, &mut out).await?;
+            out.flush()?;
+        }
+        Command::Restore { target, dir } => {
+            let repo = open(&cli).await?;
+            let (spec, path) = split_target(target);
+            let (id, snap) = repo.resolve_snapshot(spec).await?;
+            let bar = progress::Bar::bytes(Some(snap.stats.bytes), "restore");
+            let result = cairn_store::restore::restore(&repo, &snap, path, dir, &bar, cancel).await;
+            bar.finish();
+            let summary = result.with_context(|| format!("restoring {} into {}", id.short(), dir.display()))?;
+            if cli.json {
+                print_json(&summary)?;
+            } else {
+                eprintln!(
+                    "restored {} files, {} dirs, {} other, {} in {:.2}s; {} requests, {} down",
+                    summary.files,
+                    summary.dirs,
+                    summary.others,
+                    bytes(summary.bytes),
+                    summary.seconds,
+                    summary.requests.requests(),
+                    bytes(summary.requests.bytes_down)
+                );
+            }
+        }
+        Command::Diff { a, b } => {
+            let repo = open(&cli).await?;
+            let (_, sa) = repo.resolve_snapshot(a).await?;
+            let (_, sb) = repo.resolve_snapshot(b).await?;
+            let changes = commands::diff(&repo, &sa.root, &sb.root).await?;
+            if cli.json {
+                print_json(&changes)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                for c in &changes {
+                    let mark = match c.change {
+                        commands::Change::Added => "+",
+                        commands::Change::Removed => "-",
+                        commands::Change::Modified => "M",
+                        commands::Change::Metadata => "U",
+                    };
+                    writeln!(out, "{mark} {}", c.path)?;
+                }
+            }
+        }
+        Command::Stats => {
+            let repo = open(&cli).await?;
+            let stats = commands::repo_stats(&repo).await?;
+            if cli.json {
+                print_json(&stats)?;
+            } else {
+                println!("snapshots       {}", stats.snapshots);
+                println!("logical bytes   {}", bytes(stats.logical_bytes));
+                println!("unique bytes    {} in {} chunks", bytes(stats.unique_bytes), stats.chunks);
+                println!("stored bytes    {} in {} data + {} metadata packs", bytes(stats.pack_bytes), stats.data_packs, stats.meta_packs);
+                println!("index segments  {}", stats.index_segments);
+            }
+        }
+        Command::Check { read_data } => {
+            let repo = open(&cli).await?;
+            let report = commands::check(&repo, *read_data).await?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "checked {} snapshots, {} trees, {} chunk references, {} packs ({} read, {})",
+                    report.snapshots, report.trees, report.chunks_referenced, report.packs, report.packs_read, bytes(report.bytes_read)
+                );
+                for d in &report.damage {
+                    let place = match (&d.snapshot, &d.path) {
+                        (Some(s), Some(p)) => format!("snapshot {} {p}: ", &s[..8]),
+                        (Some(s), None) => format!("snapshot {}: ", &s[..8]),
+                        _ => String::new(),
+                    };
+                    println!("DAMAGE {place}{}", d.problem);
+                }
+                if report.is_ok() {
+                    println!("no damage found");
+                }
+            }
+            if !report.is_ok() {
+                return Ok(EXIT_DAMAGE);
+            }
+        }
+    }
+    Ok(0)
+}

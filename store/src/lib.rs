@@ -1,0 +1,28 @@
+//! Cairn's core: a content-addressed snapshot store on any `object_store` bucket.
+//!
+//! Map of the crate:
+//! - [`id`] — [`Id`], the BLAKE3 name of every chunk, tree and pack.
+//! - [`format`] — the on-bucket format: config, packs, index segments, trees, snapshot roots.
+//! - [`backend`] — opening a store by URL; [`backend::CountingStore`] counts requests.
+//! - [`repo`] — [`Repository`]: verified reads of chunks, trees and snapshots.
+//! - [`cache`] — the local RocksDB cache (chunk index, file-change cache); rebuildable.
+//! - [`push`] — directory or memory image → packs → index segment → snapshot root.
+//! - [`restore`] — snapshot → directory, exact and confined to the target.
+//! - [`commands`] — the other user commands (ls, cat, diff, stats, check) as functions.
+//! - [`error`] — [`Error`], one typed error naming the object or path at fault.
+
+pub mod backend;
+pub mod cache;
+pub mod commands;
+pub mod error;
+pub mod format;
+pub mod id;
+pub mod push;
+pub mod repo;
+pub mod restore;
+mod sys;
+
+pub use error::{Error, Result};
+pub use format::snapshot::{Kind, Snapshot};
+pub use id::{ChunkId, Id, PackId};
+pub use repo::Repository;

@@ -1,0 +1,196 @@
+//! `push`: one source (a directory tree or a memory image) into one new snapshot.
+//!
+//! Pipeline: rayon threads walk, read, chunk, hash and compress; new chunks fill packs;
+//! a tokio task uploads packs while the walk goes on. Then, in this order — the commit
+//! protocol of `docs/format.md` — the index segment, then the snapshot root.
+
+mod packer;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::backend::RequestStats;
+use crate::error::{Error, Result};
+use crate::format::index::{self, IndexSegment, MAX_CHUNKS_PER_SEGMENT};
+use crate::format::pack::PackKind;
+use crate::format::snapshot::{self, Kind, Snapshot, SnapshotStats};
+use crate::id::Id;
+use crate::repo::Repository;
+use source::{Chunker, Walker};
+
+/// Which snapshot a push builds on: its lineage, and whether unchanged files may be skipped.
+#[derive(Clone, Debug, Default)]
+pub enum ParentSpec {
+    /// The latest snapshot of the same host, source and kind, if any.
+    #[default]
+    Auto,
+    None,
+    Id(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    pub source: PathBuf,
+    pub kind: Kind,
+    pub tags: BTreeMap<String, String>,
+    pub parent: ParentSpec,
+    pub expire_in: Option<Duration>,
+    /// Defaults to the machine's host name.
+    pub host: Option<String>,
+}
+
+/// Callbacks for progress display; all no-ops by default. Called from many threads.
+pub trait PushProgress: Sync {
+    fn bytes_read(&self, _n: u64) {}
+    fn file_done(&self, _size: u64) {}
+}
+
+pub struct NoProgress;
+impl PushProgress for NoProgress {}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PushSummary {
+    pub snapshot: Id,
+    pub parent: Option<Id>,
+    pub stats: SnapshotStats,
+    pub files_unchanged: u64,
+    pub packs: usize,
+    pub requests: RequestStats,
+    pub seconds: f64,
+}
+
+impl PushSummary {
+    /// Logical bytes per stored byte; how much deduplication and compression saved.
+    pub fn dedup_ratio(&self) -> f64 {
+        self.stats.bytes as f64 / self.stats.stored_bytes.max(1) as f64
+    }
+}
+
+pub fn host_name() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+}
+
+pub async fn push(
+    repo: &Repository,
+    opts: &PushOptions,
+    progress: &dyn PushProgress,
+    cancel: &AtomicBool,
+) -> Result<PushSummary> {
+    let started = Instant::now();
+    let source = std::fs::canonicalize(&opts.source).map_err(|e| Error::io(&opts.source, e))?;
+    let host = opts.host.clone().unwrap_or_else(host_name);
+    let source_str = source.to_string_lossy().into_owned();
+    let parent = match &opts.parent {
+        ParentSpec::None => None,
+        ParentSpec::Id(spec) => Some(repo.resolve_snapshot(spec).await?.0),
+        ParentSpec::Auto => repo
+            .snapshots()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|(_, s)| s.host == host && s.source == source_str && s.kind == opts.kind)
+            .map(|(id, _)| id),
+    };
+    let chunking = repo.config().chunking;
+    let chunker = match opts.kind {
+        Kind::Fs => Chunker::fs(&chunking),
+        Kind::Memory => Chunker::memory(&chunking),
+    };
+    let name = source.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
+
+    let (tx, rx) = packer::channel();
+    let uploads = tokio::spawn(packer::upload_all(repo.store().clone(), rx));
+    let packer = packer::Packer::new(repo.config().pack_size as usize, repo.config().zstd_level, tx);
+    let started_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+    let walker = Walker {
+        cache: repo.cache(),
+        packer: &packer,
+        chunker,
+        use_file_cache: parent.is_some(),
+        started_ns,
+        counts: Default::default(),
+        meta_packs: Mutex::default(),
+        cancel,
+        progress,
+    };
+    // The walk blocks (file reads, a full upload queue); keep it off the async workers.
+    let walked = tokio::task::block_in_place(|| {
+        let root = match opts.kind {
+            Kind::Fs => walker.dir(&source, name),
+            Kind::Memory => walker.file(&source, name),
+        }?;
+        packer.flush()?;
+        Ok::<_, Error>(root)
+    });
+    let Walker { counts: c, meta_packs, .. } = walker;
+    drop(packer); // closes the upload queue
+    let uploaded = uploads.await.map_err(|e| Error::Usage(format!("upload task: {e}")))?;
+    let root = walked?;
+    let packs = uploaded?;
+
+    // Commit, in order: index segments (packs are all stored), then the snapshot root.
+    let mut meta_packs = meta_packs.into_inner().expect("meta lock");
+    meta_packs.extend(packs.iter().filter(|p| p.kind == PackKind::Meta).map(|p| p.id));
+    let stored_bytes: u64 = packs.iter().map(|p| p.len).sum();
+    let mut segment = IndexSegment::default();
+    let mut segments = Vec::new();
+    for p in &packs {
+        if segment.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !segment.packs.is_empty() {
+            segments.push(std::mem::take(&mut segment));
+        }
+        segment.packs.push(p.clone());
+    }
+    if !segment.packs.is_empty() {
+        segments.push(segment);
+    }
+    for seg in &segments {
+        let (id, bytes) = seg.encode();
+        repo.put(&index::object_name(&id), bytes).await?;
+        repo.cache().ingest(&id, seg)?;
+    }
+    let stats = SnapshotStats {
+        files: c.files.load(Relaxed),
+        dirs: c.dirs.load(Relaxed),
+        others: c.others.load(Relaxed),
+        bytes: c.bytes.load(Relaxed),
+        bytes_read: c.bytes_read.load(Relaxed),
+        chunks: c.chunks.load(Relaxed),
+        new_chunks: c.new_chunks.load(Relaxed),
+        new_bytes: c.new_bytes.load(Relaxed),
+        stored_bytes,
+    };
+    let now = SystemTime::now();
+    let mut meta_packs: Vec<_> = meta_packs.into_iter().collect();
+    meta_packs.sort();
+    let snap = Snapshot {
+        format: 1,
+        time: humantime::format_rfc3339_nanos(now).to_string(),
+        host,
+        source: source_str,
+        kind: opts.kind,
+        tags: opts.tags.clone(),
+        parent,
+        expires: opts.expire_in.map(|d| humantime::format_rfc3339_seconds(now + d).to_string()),
+        root,
+        meta_packs,
+        stats: stats.clone(),
+    };
+    let (id, bytes) = snap.encode();
+    repo.put(&snapshot::object_name(&id), bytes).await?;
+    Ok(PushSummary {
+        snapshot: id,
+        parent,
+        stats,
+        files_unchanged: c.files_unchanged.load(Relaxed),
+        packs: packs.len(),
+        requests: repo.requests(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

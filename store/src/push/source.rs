@@ -1,0 +1,409 @@
+//! Reading the source: walk a directory tree in parallel (rayon), turn each entry into a
+//! [`Node`], chunk and hash file data, and hand new chunks to the [`Packer`].
+
+use std::fs::{File, Metadata};
+use std::hash::{Hash, Hasher};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::packer::Packer;
+use super::PushProgress;
+use crate::cache::{FileEntry, LocalCache};
+use crate::error::{Error, IoContext, Result};
+use crate::format::config::Chunking;
+use crate::format::pack::PackKind;
+use crate::format::tree::{self, Content, Extent, Node, NodeKind, Tree, Xattr};
+use crate::id::{Id, PackId};
+
+/// Bytes read from a file at a time; also the unit of parallel hashing within one file.
+const READ_BUF: usize = 8 << 20;
+
+/// How a file's bytes are cut into chunks.
+#[derive(Clone, Copy, Debug)]
+pub enum Chunker {
+    /// Content-defined (FastCDC 2020) for files: insertions shift no boundaries far away.
+    Cdc { min: u32, avg: u32, max: u32 },
+    /// Fixed, page-aligned for memory images: all-zero chunks become holes.
+    Fixed { size: u32 },
+}
+
+impl Chunker {
+    pub fn fs(c: &Chunking) -> Chunker {
+        Chunker::Cdc { min: c.fs_min, avg: c.fs_avg, max: c.fs_max }
+    }
+    pub fn memory(c: &Chunking) -> Chunker {
+        Chunker::Fixed { size: c.memory }
+    }
+}
+
+#[derive(Default)]
+pub struct Counts {
+    pub files: AtomicU64,
+    pub dirs: AtomicU64,
+    pub others: AtomicU64,
+    pub bytes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub chunks: AtomicU64,
+    pub new_chunks: AtomicU64,
+    pub new_bytes: AtomicU64,
+    pub files_unchanged: AtomicU64,
+}
+
+pub struct Walker<'a> {
+    pub cache: &'a LocalCache,
+    pub packer: &'a Packer,
+    pub chunker: Chunker,
+    /// Reuse unchanged files from the change cache (only when there is a parent).
+    pub use_file_cache: bool,
+    /// Files changed this recently are not trusted to the change cache (racy timestamps).
+    pub started_ns: i64,
+    pub counts: Counts,
+    pub meta_packs: Mutex<std::collections::HashSet<PackId>>,
+    pub cancel: &'a AtomicBool,
+    pub progress: &'a dyn PushProgress,
+}
+
+fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+impl Walker<'_> {
+    /// Push a directory tree; returns its root node, named `name`.
+    pub fn dir(&self, path: &Path, name: Vec<u8>) -> Result<Node> {
+        let meta = std::fs::symlink_metadata(path).at(path)?;
+        if !meta.is_dir() {
+            return Err(Error::Usage(format!("{} is not a directory (use --kind memory for an image file)", path.display())));
+        }
+        self.node(path, name, &meta)
+    }
+
+    /// Push one file (a memory image); returns its node, named `name`.
+    pub fn file(&self, path: &Path, name: Vec<u8>) -> Result<Node> {
+        let meta = std::fs::metadata(path).at(path)?;
+        if !meta.is_file() {
+            return Err(Error::Usage(format!("{} is not a regular file", path.display())));
+        }
+        self.node(path, name, &meta)
+    }
+
+    fn node(&self, path: &Path, name: Vec<u8>, meta: &Metadata) -> Result<Node> {
+        if self.cancel.load(Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let ft = meta.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_dir() {
+            self.counts.dirs.fetch_add(1, Relaxed);
+            NodeKind::Dir { tree: self.tree(path)? }
+        } else if ft.is_file() {
+            self.counts.files.fetch_add(1, Relaxed);
+            let (size, content) = self.file_content(path, meta)?;
+            self.counts.bytes.fetch_add(size, Relaxed);
+            self.progress.file_done(size);
+            NodeKind::File { size, content }
+        } else {
+            self.counts.others.fetch_add(1, Relaxed);
+            if ft.is_symlink() {
+                NodeKind::Symlink { target: std::fs::read_link(path).at(path)?.into_os_string().into_vec() }
+            } else if ft.is_char_device() {
+                NodeKind::CharDevice { rdev: meta.rdev() }
+            } else if ft.is_block_device() {
+                NodeKind::BlockDevice { rdev: meta.rdev() }
+            } else if ft.is_fifo() {
+                NodeKind::Fifo
+            } else {
+                NodeKind::Socket
+            }
+        };
+        let link_group = (!ft.is_dir() && meta.nlink() > 1).then(|| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (meta.dev(), meta.ino()).hash(&mut h);
+            h.finish()
+        });
+        Ok(Node {
+            name,
+            kind,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
+            xattrs: read_xattrs(path)?,
+            link_group,
+        })
+    }
+
+    fn tree(&self, path: &Path) -> Result<Id> {
+        let mut entries: Vec<(Vec<u8>, std::path::PathBuf)> = std::fs::read_dir(path)
+            .at(path)?
+            .map(|e| e.map(|e| (e.file_name().as_bytes().to_vec(), e.path())))
+            .collect::<std::io::Result<_>>()
+            .at(path)?;
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let nodes: Vec<Option<Node>> = entries
+            .into_par_iter()
+            .map(|(name, child)| match std::fs::symlink_metadata(&child) {
+                Ok(meta) => self.node(&child, name, &meta).map(Some),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!("{} vanished during the push; skipped", child.display());
+                    Ok(None)
+                }
+                Err(e) => Err(Error::io(child, e)),
+            })
+            .collect::<Result<_>>()?;
+        let objects = Tree::build(nodes.into_iter().flatten().collect());
+        let top = objects.last().expect("build returns the top object").id;
+        for obj in objects {
+            self.store_meta(obj.id, &obj.bytes)?;
+        }
+        Ok(top)
+    }
+
+    fn store_meta(&self, id: Id, bytes: &[u8]) -> Result<()> {
+        if let Some(loc) = self.cache.chunk(&id)? {
+            self.meta_packs.lock().expect("meta lock").insert(loc.pack);
+        } else if self.packer.claim(id) {
+            self.packer.add(PackKind::Meta, id, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn file_content(&self, path: &Path, meta: &Metadata) -> Result<(u64, Content)> {
+        let key = path.as_os_str().as_bytes();
+        let ctime_ns = nanos(meta.ctime(), meta.ctime_nsec());
+        let mtime_ns = nanos(meta.mtime(), meta.mtime_nsec());
+        if self.use_file_cache {
+            if let Some(hit) = self.cache.file(key)? {
+                if hit.dev == meta.dev()
+                    && hit.ino == meta.ino()
+                    && hit.size == meta.size()
+                    && hit.mtime_ns == mtime_ns
+                    && hit.ctime_ns == ctime_ns
+                    && self.content_stored(&hit.content)?
+                {
+                    self.counts.files_unchanged.fetch_add(1, Relaxed);
+                    return Ok((hit.size, hit.content));
+                }
+            }
+        }
+        let file = File::open(path).at(path)?;
+        let extents = self.chunk_file(&file, meta, path)?;
+        let size = extents.iter().map(|e| e.len).sum();
+        let (content, objects) = tree::build_content(extents);
+        for obj in objects {
+            self.store_meta(obj.id, &obj.bytes)?;
+        }
+        if ctime_ns < self.started_ns - 1_000_000_000 && size == meta.size() {
+            let entry = FileEntry { dev: meta.dev(), ino: meta.ino(), size, mtime_ns, ctime_ns, content: content.clone() };
+            self.cache.put_file(key, &entry)?;
+        }
+        Ok((size, content))
+    }
+
+    /// Every chunk the content names is in the index (so it may be referenced again).
+    fn content_stored(&self, content: &Content) -> Result<bool> {
+        let ids: Vec<Id> = match content {
+            Content::Extents(ex) => ex.iter().filter_map(|e| e.chunk).collect(),
+            Content::Lists(pages) => pages.iter().map(|p| p.id).collect(),
+        };
+        for id in ids {
+            match self.cache.chunk(&id)? {
+                Some(loc) if matches!(content, Content::Lists(_)) => {
+                    self.meta_packs.lock().expect("meta lock").insert(loc.pack);
+                }
+                Some(_) => {}
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Chunk a file: data ranges (from SEEK_DATA/SEEK_HOLE) are chunked, holes stay holes.
+    fn chunk_file(&self, file: &File, meta: &Metadata, path: &Path) -> Result<Vec<Extent>> {
+        let size = meta.size();
+        let maybe_sparse = meta.blocks() * 512 < size || matches!(self.chunker, Chunker::Fixed { .. });
+        let ranges = if maybe_sparse { data_ranges(file, size).at(path)? } else { vec![0..size] };
+        let mut extents = Vec::new();
+        let mut pos = 0;
+        for range in ranges {
+            let (start, end) = match self.chunker {
+                // Fixed chunks sit on a grid of the chunk size so equal pages line up across images.
+                Chunker::Fixed { size: cs } => {
+                    let cs = cs as u64;
+                    ((range.start / cs * cs).max(pos), range.end.div_ceil(cs).saturating_mul(cs).min(size))
+                }
+                Chunker::Cdc { .. } => (range.start, range.end),
+            };
+            if start >= end {
+                continue;
+            }
+            if start > pos {
+                push_extent(&mut extents, Extent { chunk: None, len: start - pos });
+            }
+            self.chunk_range(file, start, end, &mut extents).at(path)?;
+            pos = end;
+        }
+        if size > pos {
+            push_extent(&mut extents, Extent { chunk: None, len: size - pos });
+        }
+        Ok(extents)
+    }
+
+    fn chunk_range(&self, file: &File, start: u64, end: u64, out: &mut Vec<Extent>) -> std::io::Result<()> {
+        let unit = match self.chunker {
+            // A whole number of fixed chunks, so chunks stay on the grid.
+            Chunker::Fixed { size } => (READ_BUF / size as usize).max(1) * size as usize,
+            // Room for at least two maximal chunks, so a cut is never forced by the buffer.
+            Chunker::Cdc { max, .. } => READ_BUF.max(2 * max as usize),
+        };
+        let mut buf = vec![0u8; (end - start).min(unit as u64) as usize];
+        let mut carry = 0usize; // bytes at the start of buf left from the previous round
+        let mut pos = start; // file offset of buf[carry]
+        loop {
+            if self.cancel.load(Relaxed) {
+                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
+            }
+            let want = ((end - pos) as usize).min(buf.len() - carry);
+            let got = read_full(file, &mut buf[carry..carry + want], pos)?;
+            self.counts.bytes_read.fetch_add(got as u64, Relaxed);
+            self.progress.bytes_read(got as u64);
+            pos += got as u64;
+            let filled = carry + got;
+            let eof = pos >= end || got < want;
+            let cuts = self.cuts(&buf[..filled], eof);
+            let consumed = cuts.last().map(|c| c.end).unwrap_or(0);
+            let results: Vec<Result<Extent>> =
+                cuts.into_par_iter().map(|r| self.chunk(&buf[r.start..r.end])).collect();
+            for r in results {
+                push_extent(out, r.map_err(std::io::Error::other)?);
+            }
+            if eof {
+                return Ok(());
+            }
+            buf.copy_within(consumed..filled, 0);
+            carry = filled - consumed;
+        }
+    }
+
+    /// Chunk boundaries in `buf`. Unless at EOF, the last (possibly cut-short) chunk is left
+    /// for the next round so CDC sees it whole.
+    fn cuts(&self, buf: &[u8], eof: bool) -> Vec<std::ops::Range<usize>> {
+        let mut cuts: Vec<_> = match self.chunker {
+            Chunker::Cdc { min, avg, max } => fastcdc::v2020::FastCDC::new(buf, min as usize, avg as usize, max as usize)
+                .map(|c| c.offset..c.offset + c.length)
+                .collect(),
+            Chunker::Fixed { size } => {
+                (0..buf.len()).step_by(size as usize).map(|s| s..(s + size as usize).min(buf.len())).collect()
+            }
+        };
+        if !eof && cuts.len() > 1 {
+            cuts.pop();
+        }
+        cuts
+    }
+
+    fn chunk(&self, data: &[u8]) -> Result<Extent> {
+        let len = data.len() as u64;
+        if matches!(self.chunker, Chunker::Fixed { .. }) && is_zero(data) {
+            return Ok(Extent { chunk: None, len });
+        }
+        let id = Id::of(data);
+        self.counts.chunks.fetch_add(1, Relaxed);
+        if self.cache.chunk(&id)?.is_none() && self.packer.claim(id) {
+            self.counts.new_chunks.fetch_add(1, Relaxed);
+            self.counts.new_bytes.fetch_add(len, Relaxed);
+            self.packer.add(PackKind::Data, id, data)?;
+        }
+        Ok(Extent { chunk: Some(id), len })
+    }
+}
+
+/// Append, merging neighbouring holes.
+fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if let (Some(last), None) = (out.last_mut(), e.chunk) {
+        if last.chunk.is_none() {
+            last.len += e.len;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let (pre, words, post) = unsafe { data.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+fn read_full(file: &File, buf: &mut [u8], mut offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                offset += k as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The byte ranges of a file that hold data, by SEEK_DATA/SEEK_HOLE.
+pub fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(out), // no data after pos
+                Some(libc::EINVAL) => Ok(vec![0..size]), // filesystem without SEEK_DATA
+                _ => Err(err),
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(size));
+        if hole > data {
+            out.push(data..hole);
+        }
+        pos = hole.max(data + 1);
+    }
+    Ok(out)
+}
+
+fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        match xattr::get(path, &name) {
+            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+pub fn new_counts() -> Arc<Counts> {
+    Arc::new(Counts::default())
+}

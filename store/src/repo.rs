@@ -1,0 +1,342 @@
+//! [`Repository`]: one bucket (or directory) in the Cairn format, plus its local cache.
+//! Every read of a chunk or metadata object goes through here and is verified against its id.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::backend::{self, CountingStore, Counters, RequestStats};
+use crate::cache::{LocalCache, Location};
+use crate::error::{Error, Result};
+use crate::format::config::{Chunking, Config, CONFIG_OBJECT};
+use crate::format::index::{self, IndexSegment};
+use crate::format::pack::{self, PackEntry};
+use crate::format::snapshot::{self, Snapshot};
+use crate::format::tree::{self, Content, Extent, Node, Tree};
+use crate::id::{ChunkId, Id, PackId};
+
+/// How many objects are fetched at once when many are needed (index segments, snapshots).
+const FETCH_CONCURRENCY: usize = 16;
+
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    counters: Arc<Counters>,
+    config: Config,
+    url: String,
+    cache: LocalCache,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("url", &self.url).field("id", &self.config.id).finish()
+    }
+}
+
+impl Repository {
+    /// Create a repository. The config is written with a conditional create, so of two
+    /// concurrent inits exactly one succeeds and the other gets `AlreadyInitialized`.
+    pub async fn init(url: &str, chunking: Chunking, cache_root: &Path) -> Result<Repository> {
+        Self::init_on(backend::open_url(url)?, url, chunking, cache_root).await
+    }
+
+    pub async fn init_on(
+        inner: Arc<dyn ObjectStore>,
+        url: &str,
+        chunking: Chunking,
+        cache_root: &Path,
+    ) -> Result<Repository> {
+        let config = Config::new(chunking)?;
+        let counting = CountingStore::new(inner);
+        let counters = counting.counters();
+        let store: Arc<dyn ObjectStore> = Arc::new(counting);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match store.put_opts(&ObjectPath::from(CONFIG_OBJECT), PutPayload::from(config.encode()), opts).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => return Err(Error::AlreadyInitialized(url.into())),
+            Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
+        }
+        let cache = LocalCache::open(cache_root, &config.id)?;
+        Ok(Repository { store, counters, config, url: url.into(), cache })
+    }
+
+    /// Open an existing repository and bring the local chunk index up to date.
+    pub async fn open(url: &str, cache_root: &Path) -> Result<Repository> {
+        Self::open_on(backend::open_url(url)?, url, cache_root).await
+    }
+
+    pub async fn open_on(inner: Arc<dyn ObjectStore>, url: &str, cache_root: &Path) -> Result<Repository> {
+        let counting = CountingStore::new(inner);
+        let counters = counting.counters();
+        let store: Arc<dyn ObjectStore> = Arc::new(counting);
+        let bytes = match store.get(&ObjectPath::from(CONFIG_OBJECT)).await {
+            Ok(r) => r.bytes().await.map_err(|e| Error::store(CONFIG_OBJECT, e))?,
+            Err(object_store::Error::NotFound { .. }) => return Err(Error::NotARepository(url.into())),
+            Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
+        };
+        let config = Config::decode(&bytes)?;
+        let cache = LocalCache::open(cache_root, &config.id)?;
+        let repo = Repository { store, counters, config, url: url.into(), cache };
+        repo.sync_index().await?;
+        Ok(repo)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn requests(&self) -> RequestStats {
+        self.counters.stats()
+    }
+
+    pub fn cache(&self) -> &LocalCache {
+        &self.cache
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Bytes> {
+        let r = self.store.get(&ObjectPath::from(name)).await.map_err(|e| Error::store(name, e))?;
+        r.bytes().await.map_err(|e| Error::store(name, e))
+    }
+
+    pub async fn put(&self, name: &str, bytes: impl Into<Bytes>) -> Result<()> {
+        let payload = PutPayload::from(bytes.into());
+        self.store.put(&ObjectPath::from(name), payload).await.map_err(|e| Error::store(name, e))?;
+        Ok(())
+    }
+
+    /// Names and sizes of all objects under `prefix/`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.store
+            .list(Some(&ObjectPath::from(prefix)))
+            .map_ok(|m| (m.location.to_string(), m.size))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store(format!("{prefix}/"), e))
+    }
+
+    /// Read index segments the cache has not seen. If the cache knows segments the bucket no
+    /// longer has (GC compacted them), rebuild it from scratch.
+    pub async fn sync_index(&self) -> Result<()> {
+        let listed: HashSet<Id> = self
+            .list("index")
+            .await?
+            .into_iter()
+            .filter_map(|(name, _)| name.strip_prefix("index/").and_then(|h| h.parse().ok()))
+            .collect();
+        let mut known = self.cache.segments()?;
+        if !known.is_subset(&listed) {
+            tracing::info!("index segments were removed from the bucket; rebuilding the chunk index");
+            self.cache.reset_index()?;
+            known.clear();
+        }
+        let missing: Vec<Id> = listed.difference(&known).copied().collect();
+        if !missing.is_empty() {
+            tracing::debug!("reading {} new index segments", missing.len());
+        }
+        let mut fetches = futures::stream::iter(missing.into_iter().map(|id| async move {
+            let name = index::object_name(&id);
+            let bytes = self.get(&name).await?;
+            if Id::of(&bytes) != id {
+                return Err(Error::corrupt(&name, "content does not match its id"));
+            }
+            Ok::<_, Error>((id, IndexSegment::decode(&bytes, &name)?))
+        }))
+        .buffer_unordered(FETCH_CONCURRENCY);
+        while let Some(seg) = fetches.next().await {
+            let (id, seg) = seg?;
+            self.cache.ingest(&id, &seg)?;
+        }
+        Ok(())
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Result<Location> {
+        self.cache.chunk(id)?.ok_or(Error::MissingChunk(*id))
+    }
+
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.cache.chunk(id)?.is_some())
+    }
+
+    /// Read one chunk and verify it against its id.
+    pub async fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.locate(id)?;
+        let name = pack::object_name(&loc.pack);
+        let e = loc.entry;
+        let stored = self
+            .store
+            .get_range(&ObjectPath::from(name.as_str()), e.offset as u64..e.offset as u64 + e.stored_len as u64)
+            .await
+            .map_err(|err| Error::store(&name, err))?;
+        pack::open_chunk(&e, &stored, &name)
+    }
+
+    /// Read chunks that live in one pack with one ranged request per run of neighbours.
+    pub async fn read_pack_chunks(&self, pack_id: &PackId, entries: &[PackEntry]) -> Result<Vec<Vec<u8>>> {
+        let name = pack::object_name(pack_id);
+        let ranges: Vec<_> =
+            entries.iter().map(|e| e.offset as u64..e.offset as u64 + e.stored_len as u64).collect();
+        let parts = self
+            .store
+            .get_ranges(&ObjectPath::from(name.as_str()), &ranges)
+            .await
+            .map_err(|err| Error::store(&name, err))?;
+        entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
+    }
+
+    /// Read chunks from anywhere, grouped by pack. Returns them by id.
+    pub async fn read_chunks(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, Arc<Vec<u8>>>> {
+        let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for id in ids {
+            if seen.insert(*id) {
+                let loc = self.locate(id)?;
+                by_pack.entry(loc.pack).or_default().push(loc.entry);
+            }
+        }
+        let mut out = HashMap::with_capacity(seen.len());
+        let mut reads = futures::stream::iter(by_pack.into_iter().map(|(pack, mut entries)| async move {
+            entries.sort_by_key(|e| e.offset);
+            let chunks = self.read_pack_chunks(&pack, &entries).await?;
+            Ok::<_, Error>(entries.into_iter().zip(chunks).collect::<Vec<_>>())
+        }))
+        .buffer_unordered(8);
+        while let Some(batch) = reads.next().await {
+            for (e, chunk) in batch? {
+                out.insert(e.id, Arc::new(chunk));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn read_tree(&self, id: &Id) -> Result<Tree> {
+        let bytes = self.read_chunk(id).await?;
+        Tree::decode(&bytes, &format!("tree {id}"))
+    }
+
+    /// All nodes of a directory, in name order.
+    pub async fn read_dir(&self, id: &Id) -> Result<Vec<Node>> {
+        match self.read_tree(id).await? {
+            Tree::Leaf(nodes) => Ok(nodes),
+            Tree::Pages(pages) => {
+                let mut out = Vec::new();
+                for page in pages {
+                    match self.read_tree(&page.id).await? {
+                        Tree::Leaf(nodes) => out.extend(nodes),
+                        Tree::Pages(_) => return Err(Error::corrupt(format!("tree {}", page.id), "nested pages")),
+                    }
+                }
+                if !out.windows(2).all(|w| w[0].name < w[1].name) {
+                    return Err(Error::corrupt(format!("tree {id}"), "pages overlap"));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Find one name in a directory, decoding at most one page.
+    pub async fn lookup(&self, dir: &Id, name: &[u8]) -> Result<Option<Node>> {
+        let leaf = match self.read_tree(dir).await? {
+            Tree::Leaf(nodes) => nodes,
+            Tree::Pages(pages) => {
+                let i = match pages.binary_search_by(|p| p.first.as_slice().cmp(name)) {
+                    Ok(i) => i,
+                    Err(0) => return Ok(None),
+                    Err(i) => i - 1,
+                };
+                match self.read_tree(&pages[i].id).await? {
+                    Tree::Leaf(nodes) => nodes,
+                    Tree::Pages(_) => return Err(Error::corrupt(format!("tree {dir}"), "nested pages")),
+                }
+            }
+        };
+        Ok(leaf.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| leaf[i].clone()))
+    }
+
+    /// Resolve `/a/b/c` below the directory `root`.
+    pub async fn walk_path(&self, root: &Node, path: &str) -> Result<Node> {
+        let mut node = root.clone();
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            let tree::NodeKind::Dir { tree } = node.kind else {
+                return Err(Error::NotFound(format!("{path} (a component is not a directory)")));
+            };
+            node = self.lookup(&tree, part.as_bytes()).await?.ok_or_else(|| Error::NotFound(path.to_string()))?;
+        }
+        Ok(node)
+    }
+
+    /// A file's extents, reading its chunk lists when it has them.
+    pub async fn extents(&self, content: &Content) -> Result<Vec<Extent>> {
+        match content {
+            Content::Extents(e) => Ok(e.clone()),
+            Content::Lists(pages) => {
+                let mut out = Vec::new();
+                for page in pages {
+                    let bytes = self.read_chunk(&page.id).await?;
+                    out.extend(tree::decode_list(&bytes, page, &format!("chunk list {}", page.id))?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub async fn snapshot_ids(&self) -> Result<Vec<Id>> {
+        let mut ids: Vec<Id> = self
+            .list("snapshots")
+            .await?
+            .into_iter()
+            .filter_map(|(name, _)| name.strip_prefix("snapshots/").and_then(|h| h.parse().ok()))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
+        let bytes = self.get(&snapshot::object_name(id)).await?;
+        Snapshot::decode(&bytes, id)
+    }
+
+    /// Every snapshot, oldest first. Fails on the first unreadable root, naming it.
+    pub async fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let ids = self.snapshot_ids().await?;
+        let mut all: Vec<(Id, Snapshot)> = futures::stream::iter(ids.into_iter().map(|id| async move {
+            let snap = self.load_snapshot(&id).await?;
+            Ok::<_, Error>((id, snap))
+        }))
+        .buffer_unordered(FETCH_CONCURRENCY)
+        .try_collect()
+        .await?;
+        all.sort_by(|a, b| a.1.time().cmp(&b.1.time()).then(a.0.cmp(&b.0)));
+        Ok(all)
+    }
+
+    /// A snapshot by unique id prefix, or `latest`.
+    pub async fn resolve_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
+        if spec == "latest" {
+            let all = self.snapshots().await?;
+            return all.into_iter().last().ok_or_else(|| Error::NotFound("any snapshot".into()));
+        }
+        let spec_lc = spec.to_ascii_lowercase();
+        if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Usage(format!("{spec:?} is not a snapshot id (hex prefix) or `latest`")));
+        }
+        let matches: Vec<Id> =
+            self.snapshot_ids().await?.into_iter().filter(|id| id.to_hex().starts_with(&spec_lc)).collect();
+        match matches.as_slice() {
+            [id] => Ok((*id, self.load_snapshot(id).await?)),
+            [] => Err(Error::NotFound(format!("snapshot {spec}"))),
+            _ => Err(Error::Usage(format!("snapshot prefix {spec} is ambiguous ({} matches)", matches.len()))),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Helpers for the integration tests: run the real `cairn` binary, start a real moto S3
+//! server on 127.0.0.1, build source trees with every kind of file, and compare trees.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `cairn` binary built by `cargo build --workspace --bins` (scripts/test.sh does that).
+pub fn cairn_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = dir.join("cairn");
+    assert!(bin.exists(), "{} not found: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+/// A repository plus the environment the binary runs with.
+pub struct Repo {
+    pub url: String,
+    pub cache: tempfile::TempDir,
+    pub env: Vec<(String, String)>,
+}
+
+impl Repo {
+    pub fn local(dir: &Path) -> Repo {
+        Repo { url: dir.to_string_lossy().into_owned(), cache: tempfile::tempdir().unwrap(), env: vec![] }
+    }
+
+    pub fn s3(moto: &Moto, bucket: &str) -> Repo {
+        moto.create_bucket(bucket);
+        Repo { url: format!("s3://{bucket}/repo"), cache: tempfile::tempdir().unwrap(), env: moto.env() }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(cairn_bin());
+        c.args(args).env("CAIRN_REPO", &self.url).env("CAIRN_CACHE_DIR", self.cache.path());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "cairn {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run cairn")
+    }
+
+    /// Push and return the new snapshot id (the last line of stdout).
+    pub fn push(&self, dir: &Path, extra: &[&str]) -> String {
+        let mut args = vec!["push", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.ok(&args);
+        out.lines().last().expect("snapshot id line").trim().to_string()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("valid JSON")
+    }
+}
+
+/// A moto S3 server on a free port of 127.0.0.1, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server not found: run scripts/setup.sh (pip install 'moto[server]')");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// moto accepts an unsigned PUT of a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port)
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A tree with every kind of entry and metadata Cairn must keep.
+pub fn make_rich_tree(root: &Path) {
+    use std::fs;
+    fs::create_dir_all(root.join("etc/empty")).unwrap();
+    fs::create_dir_all(root.join("usr/bin")).unwrap();
+    fs::write(root.join("etc/hostname"), "sandbox\n").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    fs::write(root.join("usr/bin/big"), &big).unwrap();
+    fs::write(root.join("usr/bin/empty"), b"").unwrap();
+    fs::set_permissions(root.join("usr/bin/big"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::create_dir(root.join("tmp")).unwrap();
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    std::os::unix::fs::symlink("../etc/hostname", root.join("usr/link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/abs", root.join("dangling")).unwrap();
+    fs::hard_link(root.join("etc/hostname"), root.join("usr/hostname-hardlink")).unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    // A sparse file: 1 MiB data, 64 MiB hole, 4 KiB data, trailing hole.
+    let f = fs::File::create(root.join("sparse")).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+    f.write_all_at(&[9u8; 4096], 65 << 20).unwrap();
+    f.set_len(80 << 20).unwrap();
+    xattr::set(root.join("etc/hostname"), "user.cairn.test", b"value").unwrap();
+    if is_root() {
+        use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+        mknod(&root.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3)).unwrap();
+        mknod(&root.join("loop9"), SFlag::S_IFBLK, Mode::from_bits_truncate(0o660), makedev(7, 9)).unwrap();
+        nix::unistd::chown(&root.join("etc/hostname"), Some(1234.into()), Some(5678.into())).unwrap();
+        // security.capability as setcap writes it: cap_net_bind_service=ep (VFS_CAP_REVISION_2).
+        let cap = [0u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let _ = xattr::set(root.join("usr/bin/big"), "security.capability", &cap);
+    }
+}
+
+/// Everything about one entry that a restore must reproduce.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub struct Entry {
+    pub kind: u32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub size: u64,
+    pub rdev: u64,
+    pub target: Option<PathBuf>,
+    pub digest: Option<[u8; 32]>,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Index of the hard-link group (first path of the group), if linked.
+    pub link: Option<String>,
+    /// Allocated bytes, for files: holes must stay holes.
+    pub blocks_small: bool,
+}
+
+/// Walk `root` and describe every entry by relative path.
+pub fn describe(root: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    walk(root, root, &mut out, &mut inodes);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>, inodes: &mut BTreeMap<(u64, u64), String>) {
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    for p in names {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let ft = m.file_type();
+        let link = if !ft.is_dir() && m.nlink() > 1 {
+            Some(inodes.entry((m.dev(), m.ino())).or_insert_with(|| rel.clone()).clone())
+        } else {
+            None
+        };
+        let mut xattrs = BTreeMap::new();
+        if let Ok(names) = xattr::list(&p) {
+            for n in names {
+                if let Ok(Some(v)) = xattr::get(&p, &n) {
+                    xattrs.insert(n.to_string_lossy().into_owned(), v);
+                }
+            }
+        }
+        let e = Entry {
+            kind: m.mode() & libc_s_ifmt(),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            size: if ft.is_dir() { 0 } else { m.size() },
+            rdev: m.rdev(),
+            target: ft.is_symlink().then(|| std::fs::read_link(&p).unwrap()),
+            digest: ft.is_file().then(|| *blake3::Hasher::new().update(&std::fs::read(&p).unwrap()).finalize().as_bytes()),
+            xattrs,
+            link,
+            blocks_small: ft.is_file() && m.blocks() * 512 < m.size(),
+        };
+        out.insert(rel, e);
+        if ft.is_dir() {
+            walk(root, &p, out, inodes);
+        }
+    }
+}
+
+fn libc_s_ifmt() -> u32 {
+    0o170000
+}
+
+/// Assert two trees are equal entry by entry, naming the first difference.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (da, db) = (describe(a), describe(b));
+    let ka: Vec<_> = da.keys().collect();
+    let kb: Vec<_> = db.keys().collect();
+    assert_eq!(ka, kb, "different entries");
+    for (k, ea) in &da {
+        assert_eq!(ea, &db[k], "entry {k} differs");
+    }
+    // The roots themselves: mode and mtime.
+    let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
+    assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "root mode");
+    assert_eq!(ma.mtime(), mb.mtime(), "root mtime");
+}
