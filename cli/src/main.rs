@@ -115,7 +115,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -136,7 +139,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli, &cancel)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            if matches!(e.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Interrupted)) {
+            if matches!(
+                e.downcast_ref::<cairn_store::Error>(),
+                Some(cairn_store::Error::Interrupted)
+            ) {
                 eprintln!("interrupted: nothing was committed");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
@@ -147,16 +153,22 @@ fn main() -> ExitCode {
 }
 
 fn repo_url(cli: &Cli) -> Result<String> {
-    cli.repo.clone().ok_or_else(|| anyhow!("no repository given: use --repo or set CAIRN_REPO"))
+    cli.repo
+        .clone()
+        .ok_or_else(|| anyhow!("no repository given: use --repo or set CAIRN_REPO"))
 }
 
 fn cache_root(cli: &Cli) -> PathBuf {
-    cli.cache_dir.clone().unwrap_or_else(cairn_store::cache::default_cache_root)
+    cli.cache_dir
+        .clone()
+        .unwrap_or_else(cairn_store::cache::default_cache_root)
 }
 
 async fn open(cli: &Cli) -> Result<Repository> {
     let url = repo_url(cli)?;
-    Repository::open(&url, &cache_root(cli)).await.with_context(|| format!("opening repository {url}"))
+    Repository::open(&url, &cache_root(cli))
+        .await
+        .with_context(|| format!("opening repository {url}"))
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -191,7 +203,10 @@ fn bytes(n: u64) -> String {
 
 async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
     match &cli.command {
-        Command::Init { fs_chunk_avg, memory_chunk } => {
+        Command::Init {
+            fs_chunk_avg,
+            memory_chunk,
+        } => {
             let mut chunking = Chunking::default();
             if let Some(avg) = fs_chunk_avg {
                 chunking.fs_avg = *avg;
@@ -209,11 +224,21 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 println!("created repository {} at {url}", repo.config().id);
             }
         }
-        Command::Push { path, kind, tags, parent, expire_in, host } => {
+        Command::Push {
+            path,
+            kind,
+            tags,
+            parent,
+            expire_in,
+            host,
+        } => {
             let repo = open(&cli).await?;
             let tags = tags
                 .iter()
-                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .map(|t| {
+                    t.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
                 .collect::<Option<BTreeMap<_, _>>>()
                 .ok_or_else(|| anyhow!("tags must look like key=value"))?;
             let opts = PushOptions {
@@ -275,9 +300,13 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                     .collect();
                 print_json(&list)?;
             } else {
-                println!("{:<10} {:<20} {:<12} {:<6} {:>10}  source / tags", "id", "time", "host", "kind", "size");
+                println!(
+                    "{:<10} {:<20} {:<12} {:<6} {:>10}  source / tags",
+                    "id", "time", "host", "kind", "size"
+                );
                 for (id, s) in &snaps {
-                    let tags: Vec<String> = s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let tags: Vec<String> =
+                        s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     println!(
                         "{:<10} {:<20} {:<12} {:<6} {:>10}  {} {}",
                         id.short(),
@@ -299,8 +328,16 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
             } else {
                 println!("snapshot {id}");
-                println!("time     {}\nhost     {}\nsource   {}\nkind     {:?}", snap.time, snap.host, snap.source, snap.kind);
-                println!("parent   {}", snap.parent.map(|p| p.to_hex()).unwrap_or_else(|| "-".into()));
+                println!(
+                    "time     {}\nhost     {}\nsource   {}\nkind     {:?}",
+                    snap.time, snap.host, snap.source, snap.kind
+                );
+                println!(
+                    "parent   {}",
+                    snap.parent
+                        .map(|p| p.to_hex())
+                        .unwrap_or_else(|| "-".into())
+                );
                 println!("expires  {}", snap.expires.as_deref().unwrap_or("never"));
                 for (k, v) in &snap.tags {
                     println!("tag      {k}={v}");
@@ -323,7 +360,11 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 let mut out = std::io::stdout().lock();
                 for e in entries {
                     let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
-                    writeln!(out, "{:<8} {:>5o} {:>5}:{:<5} {:>12} {} {}{}", e.kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.path, target)?;
+                    writeln!(
+                        out,
+                        "{:<8} {:>5o} {:>5}:{:<5} {:>12} {} {}{}",
+                        e.kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.path, target
+                    )?;
                 }
             }
         }
@@ -343,7 +384,8 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             let bar = progress::Bar::bytes(Some(snap.stats.bytes), "restore");
             let result = cairn_store::restore::restore(&repo, &snap, path, dir, &bar, cancel).await;
             bar.finish();
-            let summary = result.with_context(|| format!("restoring {} into {}", id.short(), dir.display()))?;
+            let summary = result
+                .with_context(|| format!("restoring {} into {}", id.short(), dir.display()))?;
             if cli.json {
                 print_json(&summary)?;
             } else {
@@ -387,8 +429,17 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             } else {
                 println!("snapshots       {}", stats.snapshots);
                 println!("logical bytes   {}", bytes(stats.logical_bytes));
-                println!("unique bytes    {} in {} chunks", bytes(stats.unique_bytes), stats.chunks);
-                println!("stored bytes    {} in {} data + {} metadata packs", bytes(stats.pack_bytes), stats.data_packs, stats.meta_packs);
+                println!(
+                    "unique bytes    {} in {} chunks",
+                    bytes(stats.unique_bytes),
+                    stats.chunks
+                );
+                println!(
+                    "stored bytes    {} in {} data + {} metadata packs",
+                    bytes(stats.pack_bytes),
+                    stats.data_packs,
+                    stats.meta_packs
+                );
                 println!("index segments  {}", stats.index_segments);
             }
         }
@@ -400,7 +451,12 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             } else {
                 println!(
                     "checked {} snapshots, {} trees, {} chunk references, {} packs ({} read, {})",
-                    report.snapshots, report.trees, report.chunks_referenced, report.packs, report.packs_read, bytes(report.bytes_read)
+                    report.snapshots,
+                    report.trees,
+                    report.chunks_referenced,
+                    report.packs,
+                    report.packs_read,
+                    bytes(report.bytes_read)
                 );
                 for d in &report.damage {
                     let place = match (&d.snapshot, &d.path) {

@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::backend::{self, CountingStore, Counters, RequestStats};
+use crate::backend::{self, Counters, CountingStore, RequestStats};
 use crate::cache::{LocalCache, Location};
 use crate::error::{Error, Result};
 use crate::format::config::{Chunking, Config, CONFIG_OBJECT};
@@ -33,7 +33,10 @@ pub struct Repository {
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Repository").field("url", &self.url).field("id", &self.config.id).finish()
+        f.debug_struct("Repository")
+            .field("url", &self.url)
+            .field("id", &self.config.id)
+            .finish()
     }
 }
 
@@ -54,14 +57,32 @@ impl Repository {
         let counting = CountingStore::new(inner);
         let counters = counting.counters();
         let store: Arc<dyn ObjectStore> = Arc::new(counting);
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match store.put_opts(&ObjectPath::from(CONFIG_OBJECT), PutPayload::from(config.encode()), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match store
+            .put_opts(
+                &ObjectPath::from(CONFIG_OBJECT),
+                PutPayload::from(config.encode()),
+                opts,
+            )
+            .await
+        {
             Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => return Err(Error::AlreadyInitialized(url.into())),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::AlreadyInitialized(url.into()))
+            }
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         }
         let cache = LocalCache::open(cache_root, &config.id)?;
-        Ok(Repository { store, counters, config, url: url.into(), cache })
+        Ok(Repository {
+            store,
+            counters,
+            config,
+            url: url.into(),
+            cache,
+        })
     }
 
     /// Open an existing repository and bring the local chunk index up to date.
@@ -69,18 +90,33 @@ impl Repository {
         Self::open_on(backend::open_url(url)?, url, cache_root).await
     }
 
-    pub async fn open_on(inner: Arc<dyn ObjectStore>, url: &str, cache_root: &Path) -> Result<Repository> {
+    pub async fn open_on(
+        inner: Arc<dyn ObjectStore>,
+        url: &str,
+        cache_root: &Path,
+    ) -> Result<Repository> {
         let counting = CountingStore::new(inner);
         let counters = counting.counters();
         let store: Arc<dyn ObjectStore> = Arc::new(counting);
         let bytes = match store.get(&ObjectPath::from(CONFIG_OBJECT)).await {
-            Ok(r) => r.bytes().await.map_err(|e| Error::store(CONFIG_OBJECT, e))?,
-            Err(object_store::Error::NotFound { .. }) => return Err(Error::NotARepository(url.into())),
+            Ok(r) => r
+                .bytes()
+                .await
+                .map_err(|e| Error::store(CONFIG_OBJECT, e))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::NotARepository(url.into()))
+            }
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         };
         let config = Config::decode(&bytes)?;
         let cache = LocalCache::open(cache_root, &config.id)?;
-        let repo = Repository { store, counters, config, url: url.into(), cache };
+        let repo = Repository {
+            store,
+            counters,
+            config,
+            url: url.into(),
+            cache,
+        };
         repo.sync_index().await?;
         Ok(repo)
     }
@@ -106,13 +142,20 @@ impl Repository {
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes> {
-        let r = self.store.get(&ObjectPath::from(name)).await.map_err(|e| Error::store(name, e))?;
+        let r = self
+            .store
+            .get(&ObjectPath::from(name))
+            .await
+            .map_err(|e| Error::store(name, e))?;
         r.bytes().await.map_err(|e| Error::store(name, e))
     }
 
     pub async fn put(&self, name: &str, bytes: impl Into<Bytes>) -> Result<()> {
         let payload = PutPayload::from(bytes.into());
-        self.store.put(&ObjectPath::from(name), payload).await.map_err(|e| Error::store(name, e))?;
+        self.store
+            .put(&ObjectPath::from(name), payload)
+            .await
+            .map_err(|e| Error::store(name, e))?;
         Ok(())
     }
 
@@ -137,7 +180,9 @@ impl Repository {
             .collect();
         let mut known = self.cache.segments()?;
         if !known.is_subset(&listed) {
-            tracing::info!("index segments were removed from the bucket; rebuilding the chunk index");
+            tracing::info!(
+                "index segments were removed from the bucket; rebuilding the chunk index"
+            );
             self.cache.reset_index()?;
             known.clear();
         }
@@ -176,23 +221,36 @@ impl Repository {
         let e = loc.entry;
         let stored = self
             .store
-            .get_range(&ObjectPath::from(name.as_str()), e.offset as u64..e.offset as u64 + e.stored_len as u64)
+            .get_range(
+                &ObjectPath::from(name.as_str()),
+                e.offset as u64..e.offset as u64 + e.stored_len as u64,
+            )
             .await
             .map_err(|err| Error::store(&name, err))?;
         pack::open_chunk(&e, &stored, &name)
     }
 
     /// Read chunks that live in one pack with one ranged request per run of neighbours.
-    pub async fn read_pack_chunks(&self, pack_id: &PackId, entries: &[PackEntry]) -> Result<Vec<Vec<u8>>> {
+    pub async fn read_pack_chunks(
+        &self,
+        pack_id: &PackId,
+        entries: &[PackEntry],
+    ) -> Result<Vec<Vec<u8>>> {
         let name = pack::object_name(pack_id);
-        let ranges: Vec<_> =
-            entries.iter().map(|e| e.offset as u64..e.offset as u64 + e.stored_len as u64).collect();
+        let ranges: Vec<_> = entries
+            .iter()
+            .map(|e| e.offset as u64..e.offset as u64 + e.stored_len as u64)
+            .collect();
         let parts = self
             .store
             .get_ranges(&ObjectPath::from(name.as_str()), &ranges)
             .await
             .map_err(|err| Error::store(&name, err))?;
-        entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
+        entries
+            .iter()
+            .zip(parts)
+            .map(|(e, stored)| pack::open_chunk(e, &stored, &name))
+            .collect()
     }
 
     /// Read chunks from anywhere, grouped by pack. Returns them by id.
@@ -206,12 +264,13 @@ impl Repository {
             }
         }
         let mut out = HashMap::with_capacity(seen.len());
-        let mut reads = futures::stream::iter(by_pack.into_iter().map(|(pack, mut entries)| async move {
-            entries.sort_by_key(|e| e.offset);
-            let chunks = self.read_pack_chunks(&pack, &entries).await?;
-            Ok::<_, Error>(entries.into_iter().zip(chunks).collect::<Vec<_>>())
-        }))
-        .buffer_unordered(8);
+        let mut reads =
+            futures::stream::iter(by_pack.into_iter().map(|(pack, mut entries)| async move {
+                entries.sort_by_key(|e| e.offset);
+                let chunks = self.read_pack_chunks(&pack, &entries).await?;
+                Ok::<_, Error>(entries.into_iter().zip(chunks).collect::<Vec<_>>())
+            }))
+            .buffer_unordered(8);
         while let Some(batch) = reads.next().await {
             for (e, chunk) in batch? {
                 out.insert(e.id, Arc::new(chunk));
@@ -234,7 +293,9 @@ impl Repository {
                 for page in pages {
                     match self.read_tree(&page.id).await? {
                         Tree::Leaf(nodes) => out.extend(nodes),
-                        Tree::Pages(_) => return Err(Error::corrupt(format!("tree {}", page.id), "nested pages")),
+                        Tree::Pages(_) => {
+                            return Err(Error::corrupt(format!("tree {}", page.id), "nested pages"))
+                        }
                     }
                 }
                 if !out.windows(2).all(|w| w[0].name < w[1].name) {
@@ -257,11 +318,16 @@ impl Repository {
                 };
                 match self.read_tree(&pages[i].id).await? {
                     Tree::Leaf(nodes) => nodes,
-                    Tree::Pages(_) => return Err(Error::corrupt(format!("tree {dir}"), "nested pages")),
+                    Tree::Pages(_) => {
+                        return Err(Error::corrupt(format!("tree {dir}"), "nested pages"))
+                    }
                 }
             }
         };
-        Ok(leaf.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| leaf[i].clone()))
+        Ok(leaf
+            .binary_search_by(|n| n.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| leaf[i].clone()))
     }
 
     /// Resolve `/a/b/c` below the directory `root`.
@@ -269,9 +335,14 @@ impl Repository {
         let mut node = root.clone();
         for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
             let tree::NodeKind::Dir { tree } = node.kind else {
-                return Err(Error::NotFound(format!("{path} (a component is not a directory)")));
+                return Err(Error::NotFound(format!(
+                    "{path} (a component is not a directory)"
+                )));
             };
-            node = self.lookup(&tree, part.as_bytes()).await?.ok_or_else(|| Error::NotFound(path.to_string()))?;
+            node = self
+                .lookup(&tree, part.as_bytes())
+                .await?
+                .ok_or_else(|| Error::NotFound(path.to_string()))?;
         }
         Ok(node)
     }
@@ -284,7 +355,11 @@ impl Repository {
                 let mut out = Vec::new();
                 for page in pages {
                     let bytes = self.read_chunk(&page.id).await?;
-                    out.extend(tree::decode_list(&bytes, page, &format!("chunk list {}", page.id))?);
+                    out.extend(tree::decode_list(
+                        &bytes,
+                        page,
+                        &format!("chunk list {}", page.id),
+                    )?);
                 }
                 Ok(out)
             }
@@ -310,13 +385,14 @@ impl Repository {
     /// Every snapshot, oldest first. Fails on the first unreadable root, naming it.
     pub async fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let ids = self.snapshot_ids().await?;
-        let mut all: Vec<(Id, Snapshot)> = futures::stream::iter(ids.into_iter().map(|id| async move {
-            let snap = self.load_snapshot(&id).await?;
-            Ok::<_, Error>((id, snap))
-        }))
-        .buffer_unordered(FETCH_CONCURRENCY)
-        .try_collect()
-        .await?;
+        let mut all: Vec<(Id, Snapshot)> =
+            futures::stream::iter(ids.into_iter().map(|id| async move {
+                let snap = self.load_snapshot(&id).await?;
+                Ok::<_, Error>((id, snap))
+            }))
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
         all.sort_by(|a, b| a.1.time().cmp(&b.1.time()).then(a.0.cmp(&b.0)));
         Ok(all)
     }
@@ -325,18 +401,30 @@ impl Repository {
     pub async fn resolve_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
         if spec == "latest" {
             let all = self.snapshots().await?;
-            return all.into_iter().last().ok_or_else(|| Error::NotFound("any snapshot".into()));
+            return all
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::NotFound("any snapshot".into()));
         }
         let spec_lc = spec.to_ascii_lowercase();
         if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::Usage(format!("{spec:?} is not a snapshot id (hex prefix) or `latest`")));
+            return Err(Error::Usage(format!(
+                "{spec:?} is not a snapshot id (hex prefix) or `latest`"
+            )));
         }
-        let matches: Vec<Id> =
-            self.snapshot_ids().await?.into_iter().filter(|id| id.to_hex().starts_with(&spec_lc)).collect();
+        let matches: Vec<Id> = self
+            .snapshot_ids()
+            .await?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&spec_lc))
+            .collect();
         match matches.as_slice() {
             [id] => Ok((*id, self.load_snapshot(id).await?)),
             [] => Err(Error::NotFound(format!("snapshot {spec}"))),
-            _ => Err(Error::Usage(format!("snapshot prefix {spec} is ambiguous ({} matches)", matches.len()))),
+            _ => Err(Error::Usage(format!(
+                "snapshot prefix {spec} is ambiguous ({} matches)",
+                matches.len()
+            ))),
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::format::tree::{Extent, Node, NodeKind};
 use crate::repo::Repository;
 use crate::sys;
 
+/// Files are written under a temporary name with this prefix, then renamed into place.
+const TEMP_PREFIX: &[u8] = b".cairn-restore-";
 /// Files written at once.
 const FILE_CONCURRENCY: usize = 16;
 /// Chunks fetched per batch within one file (bounds memory for huge files).
@@ -88,6 +90,7 @@ pub async fn restore(
     };
     std::fs::create_dir_all(target).at(target)?;
     let root = sys::open_dir(target).at(target)?;
+    remove_stale_temporaries(&root).at(target)?;
     let state = State {
         repo,
         root,
@@ -104,12 +107,36 @@ pub async fn restore(
 
     let walk = async {
         let result = match &node.kind {
-            NodeKind::Dir { .. } => walk(&state, &node, tx, &mut dirs, &mut links, &mut summary, cancel).await,
+            NodeKind::Dir { .. } => {
+                walk(
+                    &state,
+                    &node,
+                    tx,
+                    &mut dirs,
+                    &mut links,
+                    &mut summary,
+                    cancel,
+                )
+                .await
+            }
             _ => {
                 // A single file (a memory image, or a file picked by path) lands in target.
                 let dir = Arc::new(state.root.try_clone().at(target)?);
-                let job = FileJob { dir, name: node.name.clone(), rel: PathBuf::from(os(&node.name)), node: node.clone() };
-                place(&state, job, &tx, &mut links, &mut HashMap::new(), &mut summary).await
+                let job = FileJob {
+                    dir,
+                    name: node.name.clone(),
+                    rel: PathBuf::from(os(&node.name)),
+                    node: node.clone(),
+                };
+                place(
+                    &state,
+                    job,
+                    &tx,
+                    &mut links,
+                    &mut HashMap::new(),
+                    &mut summary,
+                )
+                .await
             }
         };
         result
@@ -127,13 +154,22 @@ pub async fn restore(
         return Err(Error::Interrupted);
     }
     for (old, new) in links {
-        if let Err(e) = sys::link(state.root.as_raw_fd(), path_bytes(&old), &state.root, path_bytes(&new)) {
+        if let Err(e) = sys::link(
+            state.root.as_raw_fd(),
+            path_bytes(&old),
+            &state.root,
+            path_bytes(&new),
+        ) {
             state.fail(&new, format!("hard link to {}: {e}", old.display()));
         }
     }
     // Children first: a read-only directory can only be made so once it is filled.
     for (rel, node) in dirs.iter().rev() {
-        let name = if rel.as_os_str().is_empty() { b".".as_slice() } else { path_bytes(rel) };
+        let name = if rel.as_os_str().is_empty() {
+            b".".as_slice()
+        } else {
+            path_bytes(rel)
+        };
         if let Err(e) = apply_meta(&state, &state.root, name, node) {
             state.fail(rel, e);
         }
@@ -148,7 +184,10 @@ pub async fn restore(
         if errors.len() > 20 {
             report.push(format!("... and {} more", errors.len() - 20));
         }
-        return Err(Error::Incomplete { failed: errors.len(), report: report.join("\n") });
+        return Err(Error::Incomplete {
+            failed: errors.len(),
+            report: report.join("\n"),
+        });
     }
     Ok(summary)
 }
@@ -183,7 +222,9 @@ async fn walk(
         if cancel.load(Relaxed) {
             return Err(Error::Interrupted);
         }
-        let NodeKind::Dir { tree } = &dir_node.kind else { unreachable!("only directories are stacked") };
+        let NodeKind::Dir { tree } = &dir_node.kind else {
+            unreachable!("only directories are stacked")
+        };
         summary.dirs += 1;
         let nodes = match state.repo.read_dir(tree).await {
             Ok(n) => n,
@@ -202,7 +243,12 @@ async fn walk(
                 }
                 continue;
             }
-            let job = FileJob { dir: fd.clone(), name: node.name.clone(), rel: child, node };
+            let job = FileJob {
+                dir: fd.clone(),
+                name: node.name.clone(),
+                rel: child,
+                node,
+            };
             place(state, job, &tx, links, &mut groups, summary).await?;
         }
     }
@@ -217,7 +263,10 @@ fn clear_name(dir: &impl AsRawFd, name: &[u8], want_dir: bool) -> std::io::Resul
             if want_dir {
                 Ok(true)
             } else {
-                Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a directory is in the way"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a directory is in the way",
+                ))
             }
         }
         Some(_) => sys::unlink(dir, name, false).map(|()| false),
@@ -225,11 +274,29 @@ fn clear_name(dir: &impl AsRawFd, name: &[u8], want_dir: bool) -> std::io::Resul
 }
 
 fn make_dir(parent: &impl AsRawFd, name: &[u8]) -> std::io::Result<OwnedFd> {
-    if !clear_name(parent, name, true)? {
+    let existed = clear_name(parent, name, true)?;
+    if !existed {
         sys::mkdir(parent, name)?;
     }
     // O_NOFOLLOW: if anything swapped a symlink in, this fails instead of leaving the target.
-    sys::open_subdir(parent, name)
+    let fd = sys::open_subdir(parent, name)?;
+    if existed {
+        remove_stale_temporaries(&fd)?;
+    }
+    Ok(fd)
+}
+
+/// A restore killed mid-file leaves its temporary behind; the next restore removes it.
+fn remove_stale_temporaries(dir: &OwnedFd) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let listing = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    for entry in listing {
+        let name = entry?.file_name();
+        if name.as_bytes().starts_with(TEMP_PREFIX) {
+            sys::unlink(dir, name.as_bytes(), false)?;
+        }
+    }
+    Ok(())
 }
 
 /// Everything but a directory: files go to the writers, the rest is made here.
@@ -262,8 +329,12 @@ async fn place(
     summary.others += 1;
     let made = clear_name(&*job.dir, &job.name, false).and_then(|_| match &job.node.kind {
         NodeKind::Symlink { target } => sys::symlink(target, &*job.dir, &job.name),
-        NodeKind::CharDevice { rdev } => sys::mknod(&*job.dir, &job.name, libc::S_IFCHR | 0o600, *rdev),
-        NodeKind::BlockDevice { rdev } => sys::mknod(&*job.dir, &job.name, libc::S_IFBLK | 0o600, *rdev),
+        NodeKind::CharDevice { rdev } => {
+            sys::mknod(&*job.dir, &job.name, libc::S_IFCHR | 0o600, *rdev)
+        }
+        NodeKind::BlockDevice { rdev } => {
+            sys::mknod(&*job.dir, &job.name, libc::S_IFBLK | 0o600, *rdev)
+        }
         NodeKind::Fifo => sys::mknod(&*job.dir, &job.name, libc::S_IFIFO | 0o600, 0),
         NodeKind::Socket => sys::mknod(&*job.dir, &job.name, libc::S_IFSOCK | 0o600, 0),
         NodeKind::Dir { .. } | NodeKind::File { .. } => unreachable!("handled by the caller"),
@@ -276,7 +347,12 @@ async fn place(
 }
 
 /// Owner first (chown clears setuid bits and capabilities), then xattrs, mode, times.
-fn apply_meta(state: &State<'_>, dir: &impl AsRawFd, name: &[u8], node: &Node) -> std::io::Result<()> {
+fn apply_meta(
+    state: &State<'_>,
+    dir: &impl AsRawFd,
+    name: &[u8],
+    node: &Node,
+) -> std::io::Result<()> {
     let symlink = matches!(node.kind, NodeKind::Symlink { .. });
     if state.as_root {
         sys::chown(dir, name, node.uid, node.gid)?;
@@ -285,7 +361,11 @@ fn apply_meta(state: &State<'_>, dir: &impl AsRawFd, name: &[u8], node: &Node) -
         if let Err(e) = sys::set_xattr(dir, name, &x.name, &x.value) {
             // Unprivileged restores cannot set trusted.* or security.*; say so, keep going.
             if e.raw_os_error() == Some(libc::EPERM) && !state.as_root {
-                tracing::warn!("{}: xattr {} not restored: {e}", String::from_utf8_lossy(name), String::from_utf8_lossy(&x.name));
+                tracing::warn!(
+                    "{}: xattr {} not restored: {e}",
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(&x.name)
+                );
                 continue;
             }
             return Err(e);
@@ -299,7 +379,8 @@ fn apply_meta(state: &State<'_>, dir: &impl AsRawFd, name: &[u8], node: &Node) -
 }
 
 async fn write_file(state: &State<'_>, job: FileJob) {
-    let tmp = format!(".cairn-restore-{}", hex::encode(rand::random::<[u8; 8]>())).into_bytes();
+    let mut tmp = TEMP_PREFIX.to_vec();
+    tmp.extend_from_slice(hex::encode(rand::random::<[u8; 8]>()).as_bytes());
     match write_content(state, &job, &tmp).await {
         Ok(()) => {
             state.files.fetch_add(1, Relaxed);
@@ -312,7 +393,9 @@ async fn write_file(state: &State<'_>, job: FileJob) {
 }
 
 async fn write_content(state: &State<'_>, job: &FileJob, tmp: &[u8]) -> Result<()> {
-    let NodeKind::File { size, content } = &job.node.kind else { unreachable!("only files are jobs") };
+    let NodeKind::File { size, content } = &job.node.kind else {
+        unreachable!("only files are jobs")
+    };
     let file = sys::create_file(&*job.dir, tmp).at(&job.rel)?;
     let extents = state.repo.extents(content).await?;
     let mut offset = 0u64;
@@ -321,14 +404,20 @@ async fn write_content(state: &State<'_>, job: &FileJob, tmp: &[u8]) -> Result<(
         placed.push((offset, e));
         offset += e.len;
     }
-    let chunks: Vec<(u64, Extent)> = placed.into_iter().filter(|(_, e)| e.chunk.is_some()).collect();
+    let chunks: Vec<(u64, Extent)> = placed
+        .into_iter()
+        .filter(|(_, e)| e.chunk.is_some())
+        .collect();
     for batch in chunks.chunks(CHUNK_BATCH) {
         let ids: Vec<_> = batch.iter().filter_map(|(_, e)| e.chunk).collect();
         let data = state.repo.read_chunks(&ids).await?;
         for (off, e) in batch {
             let bytes = &data[&e.chunk.expect("filtered to chunks")];
             if bytes.len() as u64 != e.len {
-                return Err(Error::corrupt(format!("chunk {}", e.chunk.expect("a chunk")), "length differs from its extent"));
+                return Err(Error::corrupt(
+                    format!("chunk {}", e.chunk.expect("a chunk")),
+                    "length differs from its extent",
+                ));
             }
             file.write_all_at(bytes, *off).at(&job.rel)?;
             state.bytes.fetch_add(bytes.len() as u64, Relaxed);

@@ -62,14 +62,22 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
         let bytes = repo.get(&name).await?;
         match IndexSegment::decode(&bytes, &name) {
             Ok(seg) => indexed.extend(seg.packs.iter().map(|p| (p.id, p.len))),
-            Err(e) => report.damage.push(Damage { snapshot: None, path: None, problem: e.to_string() }),
+            Err(e) => report.damage.push(Damage {
+                snapshot: None,
+                path: None,
+                problem: e.to_string(),
+            }),
         }
     }
     report.packs = indexed.len();
     for (id, len) in &indexed {
         let name = pack::object_name(id);
         match listed.get(&name) {
-            None => report.damage.push(Damage { snapshot: None, path: None, problem: format!("{name} is missing") }),
+            None => report.damage.push(Damage {
+                snapshot: None,
+                path: None,
+                problem: format!("{name} is missing"),
+            }),
             Some(size) if size != len => report.damage.push(Damage {
                 snapshot: None,
                 path: None,
@@ -80,7 +88,11 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     }
     let mut bad: HashMap<ChunkId, String> = HashMap::new();
     if read_data {
-        let names: Vec<PackId> = indexed.keys().copied().filter(|id| listed.contains_key(&pack::object_name(id))).collect();
+        let names: Vec<PackId> = indexed
+            .keys()
+            .copied()
+            .filter(|id| listed.contains_key(&pack::object_name(id)))
+            .collect();
         let mut reads = futures::stream::iter(names.into_iter().map(|id| async move {
             let name = pack::object_name(&id);
             let result = async {
@@ -92,7 +104,8 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                 match pack::decode_table_of(&bytes, &name) {
                     Ok((_, entries)) => {
                         for e in entries {
-                            let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                            let stored =
+                                &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
                             if let Err(err) = pack::open_chunk(&e, stored, &name) {
                                 bad.push((Some(e.id), err.to_string()));
                             }
@@ -116,7 +129,11 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                             Some(c) => {
                                 bad.insert(c, problem);
                             }
-                            None => report.damage.push(Damage { snapshot: None, path: None, problem }),
+                            None => report.damage.push(Damage {
+                                snapshot: None,
+                                path: None,
+                                problem,
+                            }),
                         }
                     }
                 }
@@ -135,11 +152,21 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
         let snap = match repo.load_snapshot(&id).await {
             Ok(s) => s,
             Err(e) => {
-                report.damage.push(Damage { snapshot: Some(id.to_hex()), path: None, problem: e.to_string() });
+                report.damage.push(Damage {
+                    snapshot: Some(id.to_hex()),
+                    path: None,
+                    problem: e.to_string(),
+                });
                 continue;
             }
         };
-        let mut walk = Walk { repo, snapshot: id.to_hex(), bad: &bad, clean: &mut clean, report: &mut report };
+        let mut walk = Walk {
+            repo,
+            snapshot: id.to_hex(),
+            bad: &bad,
+            clean: &mut clean,
+            report: &mut report,
+        };
         walk.node(&snap.root, "/".into()).await;
     }
     Ok(report)
@@ -147,7 +174,11 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
 
 impl Walk<'_> {
     fn damage(&mut self, path: &str, problem: String) {
-        self.report.damage.push(Damage { snapshot: Some(self.snapshot.clone()), path: Some(path.into()), problem });
+        self.report.damage.push(Damage {
+            snapshot: Some(self.snapshot.clone()),
+            path: Some(path.into()),
+            problem,
+        });
     }
 
     /// Check a chunk is in the index and not known bad.
@@ -184,7 +215,11 @@ impl Walk<'_> {
                         }
                     };
                     for child in &children {
-                        let p = format!("{}/{}", path.trim_end_matches('/'), String::from_utf8_lossy(&child.name));
+                        let p = format!(
+                            "{}/{}",
+                            path.trim_end_matches('/'),
+                            String::from_utf8_lossy(&child.name)
+                        );
                         ok &= self.node(child, p).await;
                     }
                     if ok {

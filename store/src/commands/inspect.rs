@@ -53,12 +53,19 @@ fn entry(path: String, node: &Node) -> LsEntry {
 }
 
 /// The entries of a directory in a snapshot (or the one entry a file path names).
-pub async fn ls(repo: &Repository, snap: &Snapshot, path: &str, recursive: bool) -> Result<Vec<LsEntry>> {
+pub async fn ls(
+    repo: &Repository,
+    snap: &Snapshot,
+    path: &str,
+    recursive: bool,
+) -> Result<Vec<LsEntry>> {
     let node = repo.walk_path(&snap.root, path).await?;
     let base = format!("/{}", path.trim_matches('/'));
     let mut out = Vec::new();
     match node.kind {
-        NodeKind::Dir { .. } => list_into(repo, &node, base.trim_end_matches('/'), recursive, &mut out).await?,
+        NodeKind::Dir { .. } => {
+            list_into(repo, &node, base.trim_end_matches('/'), recursive, &mut out).await?
+        }
         _ => out.push(entry(base, &node)),
     }
     Ok(out)
@@ -72,7 +79,9 @@ fn list_into<'a>(
     out: &'a mut Vec<LsEntry>,
 ) -> BoxFuture<'a, Result<()>> {
     Box::pin(async move {
-        let NodeKind::Dir { tree } = &dir.kind else { return Ok(()) };
+        let NodeKind::Dir { tree } = &dir.kind else {
+            return Ok(());
+        };
         for child in repo.read_dir(tree).await? {
             let path = format!("{prefix}/{}", String::from_utf8_lossy(&child.name));
             out.push(entry(path.clone(), &child));
@@ -85,10 +94,18 @@ fn list_into<'a>(
 }
 
 /// Write one file of a snapshot to `out`, every chunk verified; holes are written as zeros.
-pub async fn cat(repo: &Repository, snap: &Snapshot, path: &str, out: &mut (dyn Write + Send)) -> Result<u64> {
+pub async fn cat(
+    repo: &Repository,
+    snap: &Snapshot,
+    path: &str,
+    out: &mut (dyn Write + Send),
+) -> Result<u64> {
     let node = repo.walk_path(&snap.root, path).await?;
     let NodeKind::File { content, .. } = &node.kind else {
-        return Err(Error::Usage(format!("{path} is a {}, not a file", kind_name(&node))));
+        return Err(Error::Usage(format!(
+            "{path} is a {}, not a file",
+            kind_name(&node)
+        )));
     };
     let mut written = 0;
     let zeros = vec![0u8; 1 << 16];
@@ -96,13 +113,15 @@ pub async fn cat(repo: &Repository, snap: &Snapshot, path: &str, out: &mut (dyn 
         match e.chunk {
             Some(id) => {
                 let data = repo.read_chunk(&id).await?;
-                out.write_all(&data).map_err(|err| Error::io("<stdout>", err))?;
+                out.write_all(&data)
+                    .map_err(|err| Error::io("<stdout>", err))?;
             }
             None => {
                 let mut left = e.len;
                 while left > 0 {
                     let n = left.min(zeros.len() as u64) as usize;
-                    out.write_all(&zeros[..n]).map_err(|err| Error::io("<stdout>", err))?;
+                    out.write_all(&zeros[..n])
+                        .map_err(|err| Error::io("<stdout>", err))?;
                     left -= n as u64;
                 }
             }

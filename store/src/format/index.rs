@@ -47,8 +47,8 @@ impl IndexSegment {
 
     pub fn decode(bytes: &[u8], object: &str) -> Result<IndexSegment> {
         let body = unzstd(check_header(bytes, MAGIC, object)?, MAX_DECODED, object)?;
-        let seg: IndexSegment =
-            postcard::from_bytes(&body).map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
+        let seg: IndexSegment = postcard::from_bytes(&body)
+            .map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
         Ok(seg)
     }
 
@@ -69,7 +69,13 @@ mod tests {
                 id: Id::of(b"p"),
                 kind: PackKind::Meta,
                 len: 99,
-                chunks: vec![PackEntry { id: Id::of(b"c"), offset: 8, stored_len: 3, raw_len: 5, codec: Codec::Zstd }],
+                chunks: vec![PackEntry {
+                    id: Id::of(b"c"),
+                    offset: 8,
+                    stored_len: 3,
+                    raw_len: 5,
+                    codec: Codec::Zstd,
+                }],
             }],
             supersedes: vec![Id::of(b"old")],
         };

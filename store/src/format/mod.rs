@@ -22,10 +22,16 @@ use crate::error::{Error, Result};
 /// reader can say what it was handed before it parses a byte of it.
 pub(crate) fn check_header<'a>(bytes: &'a [u8], magic: &[u8; 4], object: &str) -> Result<&'a [u8]> {
     if bytes.len() < 5 || &bytes[..4] != magic {
-        return Err(Error::corrupt(object, format!("bad magic (expected {:?})", String::from_utf8_lossy(magic))));
+        return Err(Error::corrupt(
+            object,
+            format!("bad magic (expected {:?})", String::from_utf8_lossy(magic)),
+        ));
     }
     if bytes[4] != 1 {
-        return Err(Error::corrupt(object, format!("unsupported version {}", bytes[4])));
+        return Err(Error::corrupt(
+            object,
+            format!("unsupported version {}", bytes[4]),
+        ));
     }
     Ok(&bytes[5..])
 }

@@ -73,7 +73,11 @@ impl PackBuilder {
         buf.put_u8(1);
         buf.put_u8(kind as u8);
         buf.put_u16(0);
-        PackBuilder { kind, buf, entries: Vec::new() }
+        PackBuilder {
+            kind,
+            buf,
+            entries: Vec::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -87,11 +91,21 @@ impl PackBuilder {
     pub fn add(&mut self, id: ChunkId, raw_len: u32, codec: Codec, stored: &[u8]) {
         let offset = self.buf.len() as u32;
         self.buf.put_slice(stored);
-        self.entries.push(PackEntry { id, offset, stored_len: stored.len() as u32, raw_len, codec });
+        self.entries.push(PackEntry {
+            id,
+            offset,
+            stored_len: stored.len() as u32,
+            raw_len,
+            codec,
+        });
     }
 
     pub fn finish(self) -> FinishedPack {
-        let PackBuilder { kind, mut buf, entries } = self;
+        let PackBuilder {
+            kind,
+            mut buf,
+            entries,
+        } = self;
         let table_start = buf.len();
         for e in &entries {
             buf.put_slice(&e.id.0);
@@ -107,7 +121,12 @@ impl PackBuilder {
         buf.put_slice(&[kind as u8, 1, 0, 0]);
         buf.put_slice(END_MAGIC);
         let bytes = buf.freeze();
-        FinishedPack { id: Id::of(&bytes), kind, bytes, entries }
+        FinishedPack {
+            id: Id::of(&bytes),
+            kind,
+            bytes,
+            entries,
+        }
     }
 }
 
@@ -122,7 +141,10 @@ pub struct Footer {
 impl Footer {
     pub fn decode(footer: &[u8], object: &str) -> Result<Footer> {
         if footer.len() != FOOTER_LEN || &footer[24..32] != END_MAGIC {
-            return Err(Error::corrupt(object, "pack footer missing (truncated pack?)"));
+            return Err(Error::corrupt(
+                object,
+                "pack footer missing (truncated pack?)",
+            ));
         }
         let count = u32::from_le_bytes(footer[0..4].try_into().expect("4 bytes"));
         let mut digest = [0u8; 16];
@@ -133,9 +155,16 @@ impl Footer {
             k => return Err(Error::corrupt(object, format!("unknown pack kind {k}"))),
         };
         if footer[21] != 1 {
-            return Err(Error::corrupt(object, format!("unsupported pack version {}", footer[21])));
+            return Err(Error::corrupt(
+                object,
+                format!("unsupported pack version {}", footer[21]),
+            ));
         }
-        Ok(Footer { kind, count, digest })
+        Ok(Footer {
+            kind,
+            count,
+            digest,
+        })
     }
 
     /// Byte range of the table in a pack of `pack_len` bytes.
@@ -144,12 +173,20 @@ impl Footer {
         let end = pack_len.checked_sub(FOOTER_LEN as u64);
         match end.and_then(|end| end.checked_sub(table_len).map(|start| start..end)) {
             Some(r) if r.start >= HEADER_LEN as u64 => Ok(r),
-            _ => Err(Error::corrupt(object, "pack table does not fit in the pack")),
+            _ => Err(Error::corrupt(
+                object,
+                "pack table does not fit in the pack",
+            )),
         }
     }
 
     /// Parse and check the table; every entry must lie between header and table.
-    pub fn decode_table(&self, table: &[u8], table_start: u64, object: &str) -> Result<Vec<PackEntry>> {
+    pub fn decode_table(
+        &self,
+        table: &[u8],
+        table_start: u64,
+        object: &str,
+    ) -> Result<Vec<PackEntry>> {
         if table.len() as u64 != self.count as u64 * ENTRY_LEN as u64 {
             return Err(Error::corrupt(object, "pack table has the wrong length"));
         }
@@ -159,7 +196,8 @@ impl Footer {
         table
             .chunks_exact(ENTRY_LEN)
             .map(|raw| {
-                let u32_at = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4 bytes"));
+                let u32_at =
+                    |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4 bytes"));
                 let mut id = [0u8; 32];
                 id.copy_from_slice(&raw[..32]);
                 let e = PackEntry {
@@ -175,7 +213,10 @@ impl Footer {
                 };
                 let end = e.offset as u64 + e.stored_len as u64;
                 if (e.offset as usize) < HEADER_LEN || end > table_start {
-                    return Err(Error::corrupt(object, format!("chunk {} lies outside the pack body", e.id)));
+                    return Err(Error::corrupt(
+                        object,
+                        format!("chunk {} lies outside the pack body", e.id),
+                    ));
                 }
                 Ok(e)
             })
@@ -191,13 +232,19 @@ pub fn decode_table_of(pack: &[u8], object: &str) -> Result<(PackKind, Vec<PackE
     let footer = Footer::decode(&pack[pack.len() - FOOTER_LEN..], object)?;
     let range = footer.table_range(pack.len() as u64, object)?;
     let table = &pack[range.start as usize..range.end as usize];
-    Ok((footer.kind, footer.decode_table(table, range.start, object)?))
+    Ok((
+        footer.kind,
+        footer.decode_table(table, range.start, object)?,
+    ))
 }
 
 /// Turn stored chunk bytes back into the chunk and prove they are the chunk `entry` names.
 pub fn open_chunk(entry: &PackEntry, stored: &[u8], object: &str) -> Result<Vec<u8>> {
     if stored.len() != entry.stored_len as usize {
-        return Err(Error::corrupt(object, format!("chunk {} is truncated", entry.id)));
+        return Err(Error::corrupt(
+            object,
+            format!("chunk {} is truncated", entry.id),
+        ));
     }
     let raw = match entry.codec {
         Codec::Raw => stored.to_vec(),
@@ -205,7 +252,10 @@ pub fn open_chunk(entry: &PackEntry, stored: &[u8], object: &str) -> Result<Vec<
             .map_err(|e| Error::corrupt(object, format!("chunk {}: zstd: {e}", entry.id)))?,
     };
     if raw.len() != entry.raw_len as usize || Id::of(&raw) != entry.id {
-        return Err(Error::corrupt(object, format!("chunk {} fails its BLAKE3 check", entry.id)));
+        return Err(Error::corrupt(
+            object,
+            format!("chunk {} fails its BLAKE3 check", entry.id),
+        ));
     }
     Ok(raw)
 }
@@ -248,7 +298,10 @@ mod tests {
     fn damage_is_caught() {
         let p = sample();
         for cut in [1, 10, FOOTER_LEN, FOOTER_LEN + 3, p.bytes.len() - 2] {
-            assert!(decode_table_of(&p.bytes[..p.bytes.len() - cut], "p").is_err(), "cut {cut}");
+            assert!(
+                decode_table_of(&p.bytes[..p.bytes.len() - cut], "p").is_err(),
+                "cut {cut}"
+            );
         }
         let mut bad = p.bytes.to_vec();
         let t = bad.len() - FOOTER_LEN - 10;

@@ -34,7 +34,11 @@ pub enum Chunker {
 
 impl Chunker {
     pub fn fs(c: &Chunking) -> Chunker {
-        Chunker::Cdc { min: c.fs_min, avg: c.fs_avg, max: c.fs_max }
+        Chunker::Cdc {
+            min: c.fs_min,
+            avg: c.fs_avg,
+            max: c.fs_max,
+        }
     }
     pub fn memory(c: &Chunking) -> Chunker {
         Chunker::Fixed { size: c.memory }
@@ -77,7 +81,10 @@ impl Walker<'_> {
     pub fn dir(&self, path: &Path, name: Vec<u8>) -> Result<Node> {
         let meta = std::fs::symlink_metadata(path).at(path)?;
         if !meta.is_dir() {
-            return Err(Error::Usage(format!("{} is not a directory (use --kind memory for an image file)", path.display())));
+            return Err(Error::Usage(format!(
+                "{} is not a directory (use --kind memory for an image file)",
+                path.display()
+            )));
         }
         self.node(path, name, &meta)
     }
@@ -86,7 +93,10 @@ impl Walker<'_> {
     pub fn file(&self, path: &Path, name: Vec<u8>) -> Result<Node> {
         let meta = std::fs::metadata(path).at(path)?;
         if !meta.is_file() {
-            return Err(Error::Usage(format!("{} is not a regular file", path.display())));
+            return Err(Error::Usage(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
         }
         self.node(path, name, &meta)
     }
@@ -99,7 +109,9 @@ impl Walker<'_> {
         use std::os::unix::fs::FileTypeExt;
         let kind = if ft.is_dir() {
             self.counts.dirs.fetch_add(1, Relaxed);
-            NodeKind::Dir { tree: self.tree(path)? }
+            NodeKind::Dir {
+                tree: self.tree(path)?,
+            }
         } else if ft.is_file() {
             self.counts.files.fetch_add(1, Relaxed);
             let (size, content) = self.file_content(path, meta)?;
@@ -109,7 +121,12 @@ impl Walker<'_> {
         } else {
             self.counts.others.fetch_add(1, Relaxed);
             if ft.is_symlink() {
-                NodeKind::Symlink { target: std::fs::read_link(path).at(path)?.into_os_string().into_vec() }
+                NodeKind::Symlink {
+                    target: std::fs::read_link(path)
+                        .at(path)?
+                        .into_os_string()
+                        .into_vec(),
+                }
             } else if ft.is_char_device() {
                 NodeKind::CharDevice { rdev: meta.rdev() }
             } else if ft.is_block_device() {
@@ -198,7 +215,14 @@ impl Walker<'_> {
             self.store_meta(obj.id, &obj.bytes)?;
         }
         if ctime_ns < self.started_ns - 1_000_000_000 && size == meta.size() {
-            let entry = FileEntry { dev: meta.dev(), ino: meta.ino(), size, mtime_ns, ctime_ns, content: content.clone() };
+            let entry = FileEntry {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size,
+                mtime_ns,
+                ctime_ns,
+                content: content.clone(),
+            };
             self.cache.put_file(key, &entry)?;
         }
         Ok((size, content))
@@ -225,8 +249,13 @@ impl Walker<'_> {
     /// Chunk a file: data ranges (from SEEK_DATA/SEEK_HOLE) are chunked, holes stay holes.
     fn chunk_file(&self, file: &File, meta: &Metadata, path: &Path) -> Result<Vec<Extent>> {
         let size = meta.size();
-        let maybe_sparse = meta.blocks() * 512 < size || matches!(self.chunker, Chunker::Fixed { .. });
-        let ranges = if maybe_sparse { data_ranges(file, size).at(path)? } else { vec![0..size] };
+        let maybe_sparse =
+            meta.blocks() * 512 < size || matches!(self.chunker, Chunker::Fixed { .. });
+        let ranges = if maybe_sparse {
+            data_ranges(file, size).at(path)?
+        } else {
+            vec![0..size]
+        };
         let mut extents = Vec::new();
         let mut pos = 0;
         for range in ranges {
@@ -234,7 +263,10 @@ impl Walker<'_> {
                 // Fixed chunks sit on a grid of the chunk size so equal pages line up across images.
                 Chunker::Fixed { size: cs } => {
                     let cs = cs as u64;
-                    ((range.start / cs * cs).max(pos), range.end.div_ceil(cs).saturating_mul(cs).min(size))
+                    (
+                        (range.start / cs * cs).max(pos),
+                        range.end.div_ceil(cs).saturating_mul(cs).min(size),
+                    )
                 }
                 Chunker::Cdc { .. } => (range.start, range.end),
             };
@@ -242,18 +274,36 @@ impl Walker<'_> {
                 continue;
             }
             if start > pos {
-                push_extent(&mut extents, Extent { chunk: None, len: start - pos });
+                push_extent(
+                    &mut extents,
+                    Extent {
+                        chunk: None,
+                        len: start - pos,
+                    },
+                );
             }
             self.chunk_range(file, start, end, &mut extents).at(path)?;
             pos = end;
         }
         if size > pos {
-            push_extent(&mut extents, Extent { chunk: None, len: size - pos });
+            push_extent(
+                &mut extents,
+                Extent {
+                    chunk: None,
+                    len: size - pos,
+                },
+            );
         }
         Ok(extents)
     }
 
-    fn chunk_range(&self, file: &File, start: u64, end: u64, out: &mut Vec<Extent>) -> std::io::Result<()> {
+    fn chunk_range(
+        &self,
+        file: &File,
+        start: u64,
+        end: u64,
+        out: &mut Vec<Extent>,
+    ) -> std::io::Result<()> {
         let unit = match self.chunker {
             // A whole number of fixed chunks, so chunks stay on the grid.
             Chunker::Fixed { size } => (READ_BUF / size as usize).max(1) * size as usize,
@@ -265,7 +315,10 @@ impl Walker<'_> {
         let mut pos = start; // file offset of buf[carry]
         loop {
             if self.cancel.load(Relaxed) {
-                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "interrupted",
+                ));
             }
             let want = ((end - pos) as usize).min(buf.len() - carry);
             let got = read_full(file, &mut buf[carry..carry + want], pos)?;
@@ -276,8 +329,10 @@ impl Walker<'_> {
             let eof = pos >= end || got < want;
             let cuts = self.cuts(&buf[..filled], eof);
             let consumed = cuts.last().map(|c| c.end).unwrap_or(0);
-            let results: Vec<Result<Extent>> =
-                cuts.into_par_iter().map(|r| self.chunk(&buf[r.start..r.end])).collect();
+            let results: Vec<Result<Extent>> = cuts
+                .into_par_iter()
+                .map(|r| self.chunk(&buf[r.start..r.end]))
+                .collect();
             for r in results {
                 push_extent(out, r.map_err(std::io::Error::other)?);
             }
@@ -293,12 +348,15 @@ impl Walker<'_> {
     /// for the next round so CDC sees it whole.
     fn cuts(&self, buf: &[u8], eof: bool) -> Vec<std::ops::Range<usize>> {
         let mut cuts: Vec<_> = match self.chunker {
-            Chunker::Cdc { min, avg, max } => fastcdc::v2020::FastCDC::new(buf, min as usize, avg as usize, max as usize)
-                .map(|c| c.offset..c.offset + c.length)
-                .collect(),
-            Chunker::Fixed { size } => {
-                (0..buf.len()).step_by(size as usize).map(|s| s..(s + size as usize).min(buf.len())).collect()
+            Chunker::Cdc { min, avg, max } => {
+                fastcdc::v2020::FastCDC::new(buf, min as usize, avg as usize, max as usize)
+                    .map(|c| c.offset..c.offset + c.length)
+                    .collect()
             }
+            Chunker::Fixed { size } => (0..buf.len())
+                .step_by(size as usize)
+                .map(|s| s..(s + size as usize).min(buf.len()))
+                .collect(),
         };
         if !eof && cuts.len() > 1 {
             cuts.pop();
@@ -318,7 +376,10 @@ impl Walker<'_> {
             self.counts.new_bytes.fetch_add(len, Relaxed);
             self.packer.add(PackKind::Data, id, data)?;
         }
-        Ok(Extent { chunk: Some(id), len })
+        Ok(Extent {
+            chunk: Some(id),
+            len,
+        })
     }
 }
 
@@ -366,7 +427,7 @@ pub fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Rang
         if data < 0 {
             let err = std::io::Error::last_os_error();
             return match err.raw_os_error() {
-                Some(libc::ENXIO) => Ok(out), // no data after pos
+                Some(libc::ENXIO) => Ok(out),            // no data after pos
                 Some(libc::EINVAL) => Ok(vec![0..size]), // filesystem without SEEK_DATA
                 _ => Err(err),
             };
@@ -394,7 +455,10 @@ fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     let mut out = Vec::new();
     for name in names {
         match xattr::get(path, &name) {
-            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
+            Ok(Some(value)) => out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            }),
             Ok(None) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(Error::io(path, e)),

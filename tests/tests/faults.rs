@@ -1,0 +1,383 @@
+//! Failures while pushing and restoring: S3 errors, timeouts, full disks, killed processes.
+//! After each, every committed snapshot is intact and nothing half-done looks committed.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn_store::format::config::Chunking;
+use cairn_store::push::{NoProgress, ParentSpec, PushOptions};
+use cairn_store::{Kind, Repository};
+use cairn_tests::*;
+use futures::stream::BoxStream;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+/// Wraps a store and fails requests on command, as `object_store`'s own wrappers do.
+#[derive(Debug)]
+struct FaultStore {
+    inner: Arc<dyn ObjectStore>,
+    /// Fail puts under this prefix once this many of them have succeeded.
+    put_prefix: std::sync::Mutex<Option<(String, usize)>>,
+    fail_gets: AtomicBool,
+    puts_seen: AtomicUsize,
+}
+
+impl FaultStore {
+    fn new() -> Arc<FaultStore> {
+        Arc::new(FaultStore {
+            inner: Arc::new(object_store::memory::InMemory::new()),
+            put_prefix: Default::default(),
+            fail_gets: AtomicBool::new(false),
+            puts_seen: AtomicUsize::new(0),
+        })
+    }
+    fn fail_puts(&self, prefix: &str, after: usize) {
+        self.puts_seen.store(0, SeqCst);
+        *self.put_prefix.lock().unwrap() = Some((prefix.into(), after));
+    }
+    fn heal(&self) {
+        *self.put_prefix.lock().unwrap() = None;
+        self.fail_gets.store(false, SeqCst);
+    }
+    fn injected(path: &ObjectPath) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "fault",
+            source: format!("injected failure on {path}").into(),
+        }
+    }
+}
+
+impl fmt::Display for FaultStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fault({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FaultStore {
+    async fn put_opts(
+        &self,
+        location: &ObjectPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if let Some((prefix, after)) = &*self.put_prefix.lock().unwrap() {
+            if location.as_ref().starts_with(prefix.as_str())
+                && self.puts_seen.fetch_add(1, SeqCst) >= *after
+            {
+                return Err(Self::injected(location));
+            }
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjectPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &ObjectPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if self.fail_gets.load(SeqCst) && location.as_ref().starts_with("packs/") {
+            return Err(Self::injected(location));
+        }
+        self.inner.get_opts(location, options).await
+    }
+    async fn get_ranges(
+        &self,
+        location: &ObjectPath,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        if self.fail_gets.load(SeqCst) && location.as_ref().starts_with("packs/") {
+            return Err(Self::injected(location));
+        }
+        self.inner.get_ranges(location, ranges).await
+    }
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjectPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&ObjectPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjectPath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &ObjectPath,
+        to: &ObjectPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+fn tree(root: &Path, files: usize, size: usize) {
+    std::fs::create_dir_all(root).unwrap();
+    for i in 0..files {
+        let data: Vec<u8> = (0..size)
+            .map(|j| ((j * 31 + i * 7919) % 251) as u8 ^ (j / 4096) as u8)
+            .collect();
+        std::fs::write(root.join(format!("f{i:04}")), data).unwrap();
+    }
+}
+
+fn opts(src: &Path) -> PushOptions {
+    PushOptions {
+        source: src.into(),
+        kind: Kind::Fs,
+        tags: Default::default(),
+        parent: ParentSpec::Auto,
+        expire_in: None,
+        host: None,
+    }
+}
+
+async fn restore_to(
+    repo: &Repository,
+    id: &cairn_store::Id,
+    out: &Path,
+) -> cairn_store::Result<()> {
+    let snap = repo.load_snapshot(id).await?;
+    cairn_store::restore::restore(
+        repo,
+        &snap,
+        None,
+        out,
+        &cairn_store::restore::NoProgress,
+        &AtomicBool::new(false),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_errors_during_push_commit_nothing_and_a_retry_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tree(&src, 40, 600_000); // several packs
+    let faults = FaultStore::new();
+    let repo = Repository::init_on(
+        faults.clone(),
+        "fault://",
+        Chunking::default(),
+        &tmp.path().join("cache"),
+    )
+    .await
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+    for (prefix, after) in [("packs/", 1), ("index/", 0), ("snapshots/", 0)] {
+        faults.fail_puts(prefix, after);
+        let err = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &cancel)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(prefix), "{prefix}: {err}");
+        assert!(
+            repo.snapshot_ids().await.unwrap().is_empty(),
+            "a failed push committed a snapshot"
+        );
+        let report = cairn_store::commands::check(&repo, true).await.unwrap();
+        assert!(report.is_ok(), "{:?}", report.damage);
+    }
+    faults.heal();
+    let summary = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &cancel)
+        .await
+        .unwrap();
+    let out = tmp.path().join("out");
+    restore_to(&repo, &summary.snapshot, &out).await.unwrap();
+    assert_same_tree(&src, &out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_errors_fail_the_restore_and_leave_no_file_looking_good() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tree(&src, 5, 100_000);
+    let faults = FaultStore::new();
+    let repo = Repository::init_on(
+        faults.clone(),
+        "fault://",
+        Chunking::default(),
+        &tmp.path().join("cache"),
+    )
+    .await
+    .unwrap();
+    let summary = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &AtomicBool::new(false))
+        .await
+        .unwrap();
+    faults.fail_gets.store(true, SeqCst);
+    let out = tmp.path().join("out");
+    let err = restore_to(&repo, &summary.snapshot, &out)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert!(
+        std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0,
+        "files appeared despite read errors"
+    );
+    faults.heal();
+    restore_to(&repo, &summary.snapshot, &out).await.unwrap();
+    assert_same_tree(&src, &out);
+}
+
+#[test]
+fn s3_that_never_answers_times_out_with_a_clear_error() {
+    // A server that accepts connections and never replies.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+            if held.len() > 20 {
+                break;
+            }
+        }
+    });
+    let repo = Repo {
+        url: "s3://silent/repo".into(),
+        cache: tempfile::tempdir().unwrap(),
+        env: vec![
+            ("AWS_ENDPOINT".into(), format!("http://127.0.0.1:{port}")),
+            ("AWS_ALLOW_HTTP".into(), "true".into()),
+            ("AWS_ACCESS_KEY_ID".into(), "x".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "x".into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("CAIRN_S3_TIMEOUT".into(), "1s".into()),
+            ("CAIRN_S3_RETRY_TIMEOUT".into(), "3s".into()),
+            ("CAIRN_S3_MAX_RETRIES".into(), "2".into()),
+        ],
+    };
+    let started = Instant::now();
+    let out = repo.run(&["snapshots"]);
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config") && (err.contains("timed out") || err.contains("timeout")),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    drop(hold);
+}
+
+#[test]
+fn a_full_disk_fails_the_restore_cleanly() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    tree(&src, 3, 3_000_000);
+    std::fs::write(src.join("small"), "fits").unwrap();
+    let id = repo.push(&src, &[]);
+    let mnt = tmp.path().join("small-disk");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let out = repo.run(&["restore", &id, mnt.to_str().unwrap()]);
+    let listing: Vec<String> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // Every file that appeared under its name is complete and exact.
+    for name in &listing {
+        assert!(
+            !name.starts_with(".cairn-restore-"),
+            "temporary {name} left behind"
+        );
+        assert_eq!(
+            std::fs::read(mnt.join(name)).unwrap(),
+            std::fs::read(src.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert!(!out.status.success(), "restore onto a full disk succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(listing.len() < 4, "not everything can fit: {listing:?}");
+}
+
+#[test]
+fn a_killed_push_or_restore_leaves_every_snapshot_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    tree(&src, 60, 500_000);
+    let first = repo.push(&src, &["--parent", "none"]);
+    // Change everything so each push has real work to be killed in.
+    for (round, delay_ms) in [20u64, 80, 200, 400, 800].into_iter().enumerate() {
+        for i in 0..60 {
+            let p = src.join(format!("f{i:04}"));
+            let mut data = std::fs::read(&p).unwrap();
+            let at = round * 4096 % data.len();
+            data[at] ^= 0xff;
+            std::fs::write(&p, data).unwrap();
+        }
+        let mut child = repo
+            .cmd(&["push", src.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let check = repo.run(&["check"]);
+        assert!(
+            check.status.success(),
+            "after a kill at {delay_ms} ms:\n{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+    // Kill a restore, then restore again into the same directory: exact, no leftovers.
+    let out = tmp.path().join("out");
+    let mut child = repo
+        .cmd(&["restore", &first, out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = child.kill();
+    let _ = child.wait();
+    let again = repo.push(&src, &[]);
+    let check = repo.json(&["check", "--read-data"]);
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    repo.ok(&["restore", &again, out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+}
