@@ -61,6 +61,9 @@ enum Command {
         /// Fixed chunk size for memory images, in bytes (a multiple of 4096).
         #[arg(long)]
         memory_chunk: Option<u32>,
+        /// zstd level for chunks (1 = fastest; higher stores less and pushes slower).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: Option<i32>,
     },
     /// Store a directory (or, with --kind memory, a memory image file) as a new snapshot.
     /// Prints the new snapshot id as the last line of stdout.
@@ -115,10 +118,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -139,10 +139,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli, &cancel)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            if matches!(
-                e.downcast_ref::<cairn_store::Error>(),
-                Some(cairn_store::Error::Interrupted)
-            ) {
+            if matches!(e.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Interrupted)) {
                 eprintln!("interrupted: nothing was committed");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
@@ -153,22 +150,16 @@ fn main() -> ExitCode {
 }
 
 fn repo_url(cli: &Cli) -> Result<String> {
-    cli.repo
-        .clone()
-        .ok_or_else(|| anyhow!("no repository given: use --repo or set CAIRN_REPO"))
+    cli.repo.clone().ok_or_else(|| anyhow!("no repository given: use --repo or set CAIRN_REPO"))
 }
 
 fn cache_root(cli: &Cli) -> PathBuf {
-    cli.cache_dir
-        .clone()
-        .unwrap_or_else(cairn_store::cache::default_cache_root)
+    cli.cache_dir.clone().unwrap_or_else(cairn_store::cache::default_cache_root)
 }
 
 async fn open(cli: &Cli) -> Result<Repository> {
     let url = repo_url(cli)?;
-    Repository::open(&url, &cache_root(cli))
-        .await
-        .with_context(|| format!("opening repository {url}"))
+    Repository::open(&url, &cache_root(cli)).await.with_context(|| format!("opening repository {url}"))
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -203,10 +194,7 @@ fn bytes(n: u64) -> String {
 
 async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
     match &cli.command {
-        Command::Init {
-            fs_chunk_avg,
-            memory_chunk,
-        } => {
+        Command::Init { fs_chunk_avg, memory_chunk, zstd_level } => {
             let mut chunking = Chunking::default();
             if let Some(avg) = fs_chunk_avg {
                 chunking.fs_avg = *avg;
@@ -217,28 +205,18 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 chunking.memory = *m;
             }
             let url = repo_url(&cli)?;
-            let repo = Repository::init(&url, chunking, &cache_root(&cli)).await?;
+            let repo = Repository::init(&url, chunking, *zstd_level, &cache_root(&cli)).await?;
             if cli.json {
                 print_json(repo.config())?;
             } else {
                 println!("created repository {} at {url}", repo.config().id);
             }
         }
-        Command::Push {
-            path,
-            kind,
-            tags,
-            parent,
-            expire_in,
-            host,
-        } => {
+        Command::Push { path, kind, tags, parent, expire_in, host } => {
             let repo = open(&cli).await?;
             let tags = tags
                 .iter()
-                .map(|t| {
-                    t.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                })
+                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
                 .collect::<Option<BTreeMap<_, _>>>()
                 .ok_or_else(|| anyhow!("tags must look like key=value"))?;
             let opts = PushOptions {
@@ -305,8 +283,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                     "id", "time", "host", "kind", "size"
                 );
                 for (id, s) in &snaps {
-                    let tags: Vec<String> =
-                        s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let tags: Vec<String> = s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     println!(
                         "{:<10} {:<20} {:<12} {:<6} {:>10}  {} {}",
                         id.short(),
@@ -332,12 +309,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                     "time     {}\nhost     {}\nsource   {}\nkind     {:?}",
                     snap.time, snap.host, snap.source, snap.kind
                 );
-                println!(
-                    "parent   {}",
-                    snap.parent
-                        .map(|p| p.to_hex())
-                        .unwrap_or_else(|| "-".into())
-                );
+                println!("parent   {}", snap.parent.map(|p| p.to_hex()).unwrap_or_else(|| "-".into()));
                 println!("expires  {}", snap.expires.as_deref().unwrap_or("never"));
                 for (k, v) in &snap.tags {
                     println!("tag      {k}={v}");
@@ -384,8 +356,8 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             let bar = progress::Bar::bytes(Some(snap.stats.bytes), "restore");
             let result = cairn_store::restore::restore(&repo, &snap, path, dir, &bar, cancel).await;
             bar.finish();
-            let summary = result
-                .with_context(|| format!("restoring {} into {}", id.short(), dir.display()))?;
+            let summary =
+                result.with_context(|| format!("restoring {} into {}", id.short(), dir.display()))?;
             if cli.json {
                 print_json(&summary)?;
             } else {
@@ -429,11 +401,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             } else {
                 println!("snapshots       {}", stats.snapshots);
                 println!("logical bytes   {}", bytes(stats.logical_bytes));
-                println!(
-                    "unique bytes    {} in {} chunks",
-                    bytes(stats.unique_bytes),
-                    stats.chunks
-                );
+                println!("unique bytes    {} in {} chunks", bytes(stats.unique_bytes), stats.chunks);
                 println!(
                     "stored bytes    {} in {} data + {} metadata packs",
                     bytes(stats.pack_bytes),

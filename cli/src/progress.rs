@@ -19,8 +19,10 @@ impl Bar {
                 .expect("valid template"),
             ),
             None => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template(&format!("{what} {{spinner}} {{bytes}} {{bytes_per_sec}} {{msg}}"))
-                    .expect("valid template"),
+                ProgressStyle::with_template(&format!(
+                    "{what} {{spinner}} {{bytes}} {{bytes_per_sec}} {{msg}}"
+                ))
+                .expect("valid template"),
             ),
         };
         bar.enable_steady_tick(std::time::Duration::from_millis(200));

@@ -49,23 +49,20 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
         )));
     }
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
-    let local = object_store::local::LocalFileSystem::new_with_prefix(path)
-        .map_err(|e| Error::store(url, e))?;
+    let local =
+        object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| Error::store(url, e))?;
     Ok(Arc::new(local))
 }
 
 /// Timeouts and retries beyond object_store's defaults, from the environment:
 /// `CAIRN_S3_TIMEOUT` (per request, default 30s), `CAIRN_S3_RETRY_TIMEOUT` (all retries of
 /// one request, default 3m) and `CAIRN_S3_MAX_RETRIES` (default 10).
-fn s3_tuning(
-    mut b: object_store::aws::AmazonS3Builder,
-) -> Result<object_store::aws::AmazonS3Builder> {
+fn s3_tuning(mut b: object_store::aws::AmazonS3Builder) -> Result<object_store::aws::AmazonS3Builder> {
     use object_store::aws::AmazonS3ConfigKey;
     use object_store::ClientConfigKey;
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let duration = |k: &str, v: &str| {
-        humantime::parse_duration(v).map_err(|e| Error::Usage(format!("{k}={v:?}: {e}")))
-    };
+    let duration =
+        |k: &str, v: &str| humantime::parse_duration(v).map_err(|e| Error::Usage(format!("{k}={v:?}: {e}")));
     if let Some(v) = var("CAIRN_S3_TIMEOUT") {
         duration("CAIRN_S3_TIMEOUT", &v)?;
         b = b.with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), v);
@@ -75,9 +72,8 @@ fn s3_tuning(
         retry.retry_timeout = duration("CAIRN_S3_RETRY_TIMEOUT", &v)?;
     }
     if let Some(v) = var("CAIRN_S3_MAX_RETRIES") {
-        retry.max_retries = v
-            .parse()
-            .map_err(|_| Error::Usage(format!("CAIRN_S3_MAX_RETRIES={v:?} is not a number")))?;
+        retry.max_retries =
+            v.parse().map_err(|_| Error::Usage(format!("CAIRN_S3_MAX_RETRIES={v:?} is not a number")))?;
     }
     Ok(b.with_retry(retry))
 }
@@ -135,10 +131,7 @@ pub struct CountingStore {
 
 impl CountingStore {
     pub fn new(inner: Arc<dyn ObjectStore>) -> CountingStore {
-        CountingStore {
-            inner,
-            counters: Arc::default(),
-        }
+        CountingStore { inner, counters: Arc::default() }
     }
 
     pub fn counters(&self) -> Arc<Counters> {
@@ -161,9 +154,7 @@ impl ObjectStore for CountingStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.counters.puts.fetch_add(1, Relaxed);
-        self.counters
-            .bytes_up
-            .fetch_add(payload.content_length() as u64, Relaxed);
+        self.counters.bytes_up.fetch_add(payload.content_length() as u64, Relaxed);
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -176,34 +167,22 @@ impl ObjectStore for CountingStore {
         self.inner.put_multipart_opts(location, opts).await
     }
 
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         if options.head {
             self.counters.heads.fetch_add(1, Relaxed);
         } else {
             self.counters.gets.fetch_add(1, Relaxed);
         }
         let result = self.inner.get_opts(location, options).await?;
-        self.counters
-            .bytes_down
-            .fetch_add(result.range.end - result.range.start, Relaxed);
+        self.counters.bytes_down.fetch_add(result.range.end - result.range.start, Relaxed);
         Ok(result)
     }
 
-    async fn get_ranges(
-        &self,
-        location: &Path,
-        ranges: &[Range<u64>],
-    ) -> object_store::Result<Vec<Bytes>> {
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
         // Stores merge neighbouring ranges into one request; count what they send.
         self.counters.gets.fetch_add(merged_count(ranges), Relaxed);
         let out = self.inner.get_ranges(location, ranges).await?;
-        self.counters
-            .bytes_down
-            .fetch_add(out.iter().map(|b| b.len() as u64).sum(), Relaxed);
+        self.counters.bytes_down.fetch_add(out.iter().map(|b| b.len() as u64).sum(), Relaxed);
         Ok(out)
     }
 
@@ -237,22 +216,12 @@ impl ObjectStore for CountingStore {
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
         self.counters.puts.fetch_add(1, Relaxed);
         self.inner.copy_opts(from, to, options).await
     }
 
-    async fn rename_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: RenameOptions,
-    ) -> object_store::Result<()> {
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
         self.counters.puts.fetch_add(1, Relaxed);
         self.inner.rename_opts(from, to, options).await
     }
@@ -266,9 +235,7 @@ fn merged_count(ranges: &[Range<u64>]) -> u64 {
     let mut end: Option<u64> = None;
     for r in sorted {
         match end {
-            Some(e) if r.start <= e + object_store::OBJECT_STORE_COALESCE_DEFAULT => {
-                end = Some(e.max(r.end))
-            }
+            Some(e) if r.start <= e + object_store::OBJECT_STORE_COALESCE_DEFAULT => end = Some(e.max(r.end)),
             _ => {
                 count += 1;
                 end = Some(r.end);

@@ -75,10 +75,7 @@ impl LocalCache {
                     dir.display(),
                     scratch.display()
                 );
-                Ok(LocalCache {
-                    db: Self::open_db(&scratch)?,
-                    scratch: Some(scratch),
-                })
+                Ok(LocalCache { db: Self::open_db(&scratch)?, scratch: Some(scratch) })
             }
             Err(e) => Err(e.into()),
         }
@@ -90,30 +87,22 @@ impl LocalCache {
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(2);
         opts.set_max_total_wal_size(64 << 20);
-        let cfs = [CF_CHUNKS, CF_SEGMENTS, CF_FILES]
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs =
+            [CF_CHUNKS, CF_SEGMENTS, CF_FILES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         DB::open_cf_descriptors(&opts, dir, cfs)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column family created at open")
+        self.db.cf_handle(name).expect("column family created at open")
     }
 
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<Location>> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_CHUNKS), id.0)?
-            .and_then(|v| decode_location(id, &v)))
+        Ok(self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.and_then(|v| decode_location(id, &v)))
     }
 
     pub fn segments(&self) -> Result<HashSet<Id>> {
         let mut out = HashSet::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_SEGMENTS), rocksdb::IteratorMode::Start)
-        {
+        for item in self.db.iterator_cf(self.cf(CF_SEGMENTS), rocksdb::IteratorMode::Start) {
             let (k, _) = item?;
             if let Ok(raw) = <[u8; 32]>::try_from(&k[..]) {
                 out.insert(Id(raw));
@@ -137,17 +126,13 @@ impl LocalCache {
     /// Forget the whole chunk index (segments vanished: GC compacted them).
     pub fn reset_index(&self) -> Result<()> {
         for cf in [CF_CHUNKS, CF_SEGMENTS] {
-            self.db
-                .delete_range_cf(self.cf(cf), &[0u8; 0][..], &[0xffu8; 33][..])?;
+            self.db.delete_range_cf(self.cf(cf), &[0u8; 0][..], &[0xffu8; 33][..])?;
         }
         Ok(())
     }
 
     pub fn file(&self, path: &[u8]) -> Result<Option<FileEntry>> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_FILES), path)?
-            .and_then(|v| postcard::from_bytes(&v).ok()))
+        Ok(self.db.get_pinned_cf(self.cf(CF_FILES), path)?.and_then(|v| postcard::from_bytes(&v).ok()))
     }
 
     pub fn put_file(&self, path: &[u8], entry: &FileEntry) -> Result<()> {

@@ -10,10 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("object store error on {object}: {source}")]
-    Store {
-        object: String,
-        source: object_store::Error,
-    },
+    Store { object: String, source: object_store::Error },
 
     #[error("{object} is corrupt: {reason}")]
     Corrupt { object: String, reason: String },
@@ -25,10 +22,7 @@ pub enum Error {
     MissingChunk(Id),
 
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("local cache: {0}")]
     Cache(#[from] rocksdb::Error),
@@ -43,11 +37,7 @@ pub enum Error {
     Usage(String),
 
     #[error("refusing to restore {name:?} in {dir}: {reason}")]
-    UnsafePath {
-        dir: PathBuf,
-        name: String,
-        reason: &'static str,
-    },
+    UnsafePath { dir: PathBuf, name: String, reason: &'static str },
 
     #[error("conflict: {0}")]
     Conflict(String),
@@ -61,26 +51,17 @@ pub enum Error {
 
 impl Error {
     pub fn corrupt(object: impl Into<String>, reason: impl std::fmt::Display) -> Error {
-        Error::Corrupt {
-            object: object.into(),
-            reason: reason.to_string(),
-        }
+        Error::Corrupt { object: object.into(), reason: reason.to_string() }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub fn store(object: impl Into<String>, source: object_store::Error) -> Error {
         match source {
             object_store::Error::NotFound { .. } => Error::NotFound(object.into()),
-            source => Error::Store {
-                object: object.into(),
-                source,
-            },
+            source => Error::Store { object: object.into(), source },
         }
     }
 }

@@ -91,9 +91,6 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json, format!("\"{id}\""));
         assert_eq!(serde_json::from_str::<Id>(&json).unwrap(), id);
-        assert_eq!(
-            postcard::from_bytes::<Id>(&postcard::to_stdvec(&id).unwrap()).unwrap(),
-            id
-        );
+        assert_eq!(postcard::from_bytes::<Id>(&postcard::to_stdvec(&id).unwrap()).unwrap(), id);
     }
 }

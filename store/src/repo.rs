@@ -29,22 +29,30 @@ pub struct Repository {
     config: Config,
     url: String,
     cache: LocalCache,
+    /// Metadata chunks fetched ahead by [`Repository::preload_meta`], already verified.
+    meta: std::sync::RwLock<HashMap<ChunkId, Arc<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Repository")
-            .field("url", &self.url)
-            .field("id", &self.config.id)
-            .finish()
+        f.debug_struct("Repository").field("url", &self.url).field("id", &self.config.id).finish()
     }
 }
 
 impl Repository {
     /// Create a repository. The config is written with a conditional create, so of two
     /// concurrent inits exactly one succeeds and the other gets `AlreadyInitialized`.
-    pub async fn init(url: &str, chunking: Chunking, cache_root: &Path) -> Result<Repository> {
-        Self::init_on(backend::open_url(url)?, url, chunking, cache_root).await
+    pub async fn init(
+        url: &str,
+        chunking: Chunking,
+        zstd_level: Option<i32>,
+        cache_root: &Path,
+    ) -> Result<Repository> {
+        let mut config = Config::new(chunking)?;
+        if let Some(level) = zstd_level {
+            config.zstd_level = level;
+        }
+        Self::init_with(backend::open_url(url)?, url, config, cache_root).await
     }
 
     pub async fn init_on(
@@ -53,21 +61,20 @@ impl Repository {
         chunking: Chunking,
         cache_root: &Path,
     ) -> Result<Repository> {
-        let config = Config::new(chunking)?;
+        Self::init_with(inner, url, Config::new(chunking)?, cache_root).await
+    }
+
+    async fn init_with(
+        inner: Arc<dyn ObjectStore>,
+        url: &str,
+        config: Config,
+        cache_root: &Path,
+    ) -> Result<Repository> {
         let counting = CountingStore::new(inner);
         let counters = counting.counters();
         let store: Arc<dyn ObjectStore> = Arc::new(counting);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match store
-            .put_opts(
-                &ObjectPath::from(CONFIG_OBJECT),
-                PutPayload::from(config.encode()),
-                opts,
-            )
-            .await
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match store.put_opts(&ObjectPath::from(CONFIG_OBJECT), PutPayload::from(config.encode()), opts).await
         {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
@@ -76,13 +83,7 @@ impl Repository {
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         }
         let cache = LocalCache::open(cache_root, &config.id)?;
-        Ok(Repository {
-            store,
-            counters,
-            config,
-            url: url.into(),
-            cache,
-        })
+        Ok(Repository { store, counters, config, url: url.into(), cache, meta: Default::default() })
     }
 
     /// Open an existing repository and bring the local chunk index up to date.
@@ -90,33 +91,18 @@ impl Repository {
         Self::open_on(backend::open_url(url)?, url, cache_root).await
     }
 
-    pub async fn open_on(
-        inner: Arc<dyn ObjectStore>,
-        url: &str,
-        cache_root: &Path,
-    ) -> Result<Repository> {
+    pub async fn open_on(inner: Arc<dyn ObjectStore>, url: &str, cache_root: &Path) -> Result<Repository> {
         let counting = CountingStore::new(inner);
         let counters = counting.counters();
         let store: Arc<dyn ObjectStore> = Arc::new(counting);
         let bytes = match store.get(&ObjectPath::from(CONFIG_OBJECT)).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .map_err(|e| Error::store(CONFIG_OBJECT, e))?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(Error::NotARepository(url.into()))
-            }
+            Ok(r) => r.bytes().await.map_err(|e| Error::store(CONFIG_OBJECT, e))?,
+            Err(object_store::Error::NotFound { .. }) => return Err(Error::NotARepository(url.into())),
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         };
         let config = Config::decode(&bytes)?;
         let cache = LocalCache::open(cache_root, &config.id)?;
-        let repo = Repository {
-            store,
-            counters,
-            config,
-            url: url.into(),
-            cache,
-        };
+        let repo = Repository { store, counters, config, url: url.into(), cache, meta: Default::default() };
         repo.sync_index().await?;
         Ok(repo)
     }
@@ -142,20 +128,13 @@ impl Repository {
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes> {
-        let r = self
-            .store
-            .get(&ObjectPath::from(name))
-            .await
-            .map_err(|e| Error::store(name, e))?;
+        let r = self.store.get(&ObjectPath::from(name)).await.map_err(|e| Error::store(name, e))?;
         r.bytes().await.map_err(|e| Error::store(name, e))
     }
 
     pub async fn put(&self, name: &str, bytes: impl Into<Bytes>) -> Result<()> {
         let payload = PutPayload::from(bytes.into());
-        self.store
-            .put(&ObjectPath::from(name), payload)
-            .await
-            .map_err(|e| Error::store(name, e))?;
+        self.store.put(&ObjectPath::from(name), payload).await.map_err(|e| Error::store(name, e))?;
         Ok(())
     }
 
@@ -180,9 +159,7 @@ impl Repository {
             .collect();
         let mut known = self.cache.segments()?;
         if !known.is_subset(&listed) {
-            tracing::info!(
-                "index segments were removed from the bucket; rebuilding the chunk index"
-            );
+            tracing::info!("index segments were removed from the bucket; rebuilding the chunk index");
             self.cache.reset_index()?;
             known.clear();
         }
@@ -214,8 +191,54 @@ impl Repository {
         Ok(self.cache.chunk(id)?.is_some())
     }
 
+    /// Fetch whole metadata packs (a snapshot's `meta_packs`) in parallel, so walking its
+    /// trees costs a few large reads instead of one small read per directory. Chunks are
+    /// verified as they are taken in; a pack that fails is skipped (its trees are then read
+    /// one by one, and fail there with a precise error).
+    pub async fn preload_meta(&self, packs: &[PackId], budget_bytes: u64) -> Result<()> {
+        let sizes: HashMap<String, u64> = futures::stream::iter(packs.iter().map(|id| async move {
+            let name = pack::object_name(id);
+            let meta = self.store.head(&ObjectPath::from(name.as_str())).await;
+            (name, meta.map(|m| m.size).unwrap_or(u64::MAX))
+        }))
+        .buffer_unordered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
+        if sizes.values().fold(0u64, |a, s| a.saturating_add(*s)) > budget_bytes {
+            tracing::debug!("metadata packs exceed the preload budget; trees are read on demand");
+            return Ok(());
+        }
+        let mut fetches = futures::stream::iter(packs.iter().map(|id| async move {
+            let name = pack::object_name(id);
+            let bytes = self.get(&name).await?;
+            let (_, entries) = pack::decode_table_of(&bytes, &name)?;
+            let mut chunks = Vec::with_capacity(entries.len());
+            for e in entries {
+                let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                chunks.push((e.id, pack::open_chunk(&e, stored, &name)?));
+            }
+            Ok::<_, Error>(chunks)
+        }))
+        .buffer_unordered(FETCH_CONCURRENCY);
+        while let Some(result) = fetches.next().await {
+            match result {
+                Ok(chunks) => {
+                    let mut meta = self.meta.write().expect("meta lock");
+                    for (id, bytes) in chunks {
+                        meta.insert(id, Arc::new(bytes));
+                    }
+                }
+                Err(e) => tracing::warn!("preloading metadata: {e}"),
+            }
+        }
+        Ok(())
+    }
+
     /// Read one chunk and verify it against its id.
     pub async fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.meta.read().expect("meta lock").get(id) {
+            return Ok(bytes.as_ref().clone());
+        }
         let loc = self.locate(id)?;
         let name = pack::object_name(&loc.pack);
         let e = loc.entry;
@@ -231,26 +254,16 @@ impl Repository {
     }
 
     /// Read chunks that live in one pack with one ranged request per run of neighbours.
-    pub async fn read_pack_chunks(
-        &self,
-        pack_id: &PackId,
-        entries: &[PackEntry],
-    ) -> Result<Vec<Vec<u8>>> {
+    pub async fn read_pack_chunks(&self, pack_id: &PackId, entries: &[PackEntry]) -> Result<Vec<Vec<u8>>> {
         let name = pack::object_name(pack_id);
-        let ranges: Vec<_> = entries
-            .iter()
-            .map(|e| e.offset as u64..e.offset as u64 + e.stored_len as u64)
-            .collect();
+        let ranges: Vec<_> =
+            entries.iter().map(|e| e.offset as u64..e.offset as u64 + e.stored_len as u64).collect();
         let parts = self
             .store
             .get_ranges(&ObjectPath::from(name.as_str()), &ranges)
             .await
             .map_err(|err| Error::store(&name, err))?;
-        entries
-            .iter()
-            .zip(parts)
-            .map(|(e, stored)| pack::open_chunk(e, &stored, &name))
-            .collect()
+        entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
     }
 
     /// Read chunks from anywhere, grouped by pack. Returns them by id.
@@ -264,13 +277,12 @@ impl Repository {
             }
         }
         let mut out = HashMap::with_capacity(seen.len());
-        let mut reads =
-            futures::stream::iter(by_pack.into_iter().map(|(pack, mut entries)| async move {
-                entries.sort_by_key(|e| e.offset);
-                let chunks = self.read_pack_chunks(&pack, &entries).await?;
-                Ok::<_, Error>(entries.into_iter().zip(chunks).collect::<Vec<_>>())
-            }))
-            .buffer_unordered(8);
+        let mut reads = futures::stream::iter(by_pack.into_iter().map(|(pack, mut entries)| async move {
+            entries.sort_by_key(|e| e.offset);
+            let chunks = self.read_pack_chunks(&pack, &entries).await?;
+            Ok::<_, Error>(entries.into_iter().zip(chunks).collect::<Vec<_>>())
+        }))
+        .buffer_unordered(8);
         while let Some(batch) = reads.next().await {
             for (e, chunk) in batch? {
                 out.insert(e.id, Arc::new(chunk));
@@ -318,16 +330,11 @@ impl Repository {
                 };
                 match self.read_tree(&pages[i].id).await? {
                     Tree::Leaf(nodes) => nodes,
-                    Tree::Pages(_) => {
-                        return Err(Error::corrupt(format!("tree {dir}"), "nested pages"))
-                    }
+                    Tree::Pages(_) => return Err(Error::corrupt(format!("tree {dir}"), "nested pages")),
                 }
             }
         };
-        Ok(leaf
-            .binary_search_by(|n| n.name.as_slice().cmp(name))
-            .ok()
-            .map(|i| leaf[i].clone()))
+        Ok(leaf.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| leaf[i].clone()))
     }
 
     /// Resolve `/a/b/c` below the directory `root`.
@@ -335,9 +342,7 @@ impl Repository {
         let mut node = root.clone();
         for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
             let tree::NodeKind::Dir { tree } = node.kind else {
-                return Err(Error::NotFound(format!(
-                    "{path} (a component is not a directory)"
-                )));
+                return Err(Error::NotFound(format!("{path} (a component is not a directory)")));
             };
             node = self
                 .lookup(&tree, part.as_bytes())
@@ -355,11 +360,7 @@ impl Repository {
                 let mut out = Vec::new();
                 for page in pages {
                     let bytes = self.read_chunk(&page.id).await?;
-                    out.extend(tree::decode_list(
-                        &bytes,
-                        page,
-                        &format!("chunk list {}", page.id),
-                    )?);
+                    out.extend(tree::decode_list(&bytes, page, &format!("chunk list {}", page.id))?);
                 }
                 Ok(out)
             }
@@ -385,14 +386,13 @@ impl Repository {
     /// Every snapshot, oldest first. Fails on the first unreadable root, naming it.
     pub async fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let ids = self.snapshot_ids().await?;
-        let mut all: Vec<(Id, Snapshot)> =
-            futures::stream::iter(ids.into_iter().map(|id| async move {
-                let snap = self.load_snapshot(&id).await?;
-                Ok::<_, Error>((id, snap))
-            }))
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
+        let mut all: Vec<(Id, Snapshot)> = futures::stream::iter(ids.into_iter().map(|id| async move {
+            let snap = self.load_snapshot(&id).await?;
+            Ok::<_, Error>((id, snap))
+        }))
+        .buffer_unordered(FETCH_CONCURRENCY)
+        .try_collect()
+        .await?;
         all.sort_by(|a, b| a.1.time().cmp(&b.1.time()).then(a.0.cmp(&b.0)));
         Ok(all)
     }
@@ -401,30 +401,20 @@ impl Repository {
     pub async fn resolve_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
         if spec == "latest" {
             let all = self.snapshots().await?;
-            return all
-                .into_iter()
-                .last()
-                .ok_or_else(|| Error::NotFound("any snapshot".into()));
+            return all.into_iter().last().ok_or_else(|| Error::NotFound("any snapshot".into()));
         }
         let spec_lc = spec.to_ascii_lowercase();
         if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::Usage(format!(
-                "{spec:?} is not a snapshot id (hex prefix) or `latest`"
-            )));
+            return Err(Error::Usage(format!("{spec:?} is not a snapshot id (hex prefix) or `latest`")));
         }
-        let matches: Vec<Id> = self
-            .snapshot_ids()
-            .await?
-            .into_iter()
-            .filter(|id| id.to_hex().starts_with(&spec_lc))
-            .collect();
+        let matches: Vec<Id> =
+            self.snapshot_ids().await?.into_iter().filter(|id| id.to_hex().starts_with(&spec_lc)).collect();
         match matches.as_slice() {
             [id] => Ok((*id, self.load_snapshot(id).await?)),
             [] => Err(Error::NotFound(format!("snapshot {spec}"))),
-            _ => Err(Error::Usage(format!(
-                "snapshot prefix {spec} is ambiguous ({} matches)",
-                matches.len()
-            ))),
+            _ => {
+                Err(Error::Usage(format!("snapshot prefix {spec} is ambiguous ({} matches)", matches.len())))
+            }
         }
     }
 }

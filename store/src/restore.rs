@@ -21,14 +21,22 @@ use tokio::sync::mpsc;
 use crate::backend::RequestStats;
 use crate::error::{Error, IoContext, Result};
 use crate::format::snapshot::Snapshot;
-use crate::format::tree::{Extent, Node, NodeKind};
+use crate::format::tree::{Content, Extent, Node, NodeKind};
+use crate::id::ChunkId;
 use crate::repo::Repository;
 use crate::sys;
 
 /// Files are written under a temporary name with this prefix, then renamed into place.
 const TEMP_PREFIX: &[u8] = b".cairn-restore-";
-/// Files written at once.
-const FILE_CONCURRENCY: usize = 16;
+/// Small files are restored in batches whose chunks are fetched together, grouped by pack,
+/// so neighbouring chunks of many files come in one ranged read instead of one each.
+const FILES_PER_BATCH: usize = 512;
+/// Plain bytes fetched for one group of small files.
+const GROUP_BYTES: u64 = 16 << 20;
+/// Batches in flight: fetching one while writing another.
+const BATCH_CONCURRENCY: usize = 4;
+/// Metadata packs up to this size are fetched whole before the walk.
+const META_PRELOAD_BUDGET: u64 = 512 << 20;
 /// Chunks fetched per batch within one file (bounds memory for huge files).
 const CHUNK_BATCH: usize = 64;
 
@@ -88,6 +96,7 @@ pub async fn restore(
         Some(p) => repo.walk_path(&snap.root, p).await?,
         None => snap.root.clone(),
     };
+    repo.preload_meta(&snap.meta_packs, META_PRELOAD_BUDGET).await?;
     std::fs::create_dir_all(target).at(target)?;
     let root = sys::open_dir(target).at(target)?;
     remove_stale_temporaries(&root).at(target)?;
@@ -108,16 +117,7 @@ pub async fn restore(
     let walk = async {
         let result = match &node.kind {
             NodeKind::Dir { .. } => {
-                walk(
-                    &state,
-                    &node,
-                    tx,
-                    &mut dirs,
-                    &mut links,
-                    &mut summary,
-                    cancel,
-                )
-                .await
+                walk(&state, &node, tx, &mut dirs, &mut links, &mut summary, cancel).await
             }
             _ => {
                 // A single file (a memory image, or a file picked by path) lands in target.
@@ -128,23 +128,16 @@ pub async fn restore(
                     rel: PathBuf::from(os(&node.name)),
                     node: node.clone(),
                 };
-                place(
-                    &state,
-                    job,
-                    &tx,
-                    &mut links,
-                    &mut HashMap::new(),
-                    &mut summary,
-                )
-                .await
+                place(&state, job, &tx, &mut links, &mut HashMap::new(), &mut summary).await
             }
         };
         result
     };
     let write = async {
         tokio_stream_of(rx)
-            .map(|job| write_file(&state, job))
-            .buffer_unordered(FILE_CONCURRENCY)
+            .ready_chunks(FILES_PER_BATCH)
+            .map(|jobs| write_batch(&state, jobs))
+            .buffer_unordered(BATCH_CONCURRENCY)
             .for_each(|_| async {})
             .await
     };
@@ -154,22 +147,13 @@ pub async fn restore(
         return Err(Error::Interrupted);
     }
     for (old, new) in links {
-        if let Err(e) = sys::link(
-            state.root.as_raw_fd(),
-            path_bytes(&old),
-            &state.root,
-            path_bytes(&new),
-        ) {
+        if let Err(e) = sys::link(state.root.as_raw_fd(), path_bytes(&old), &state.root, path_bytes(&new)) {
             state.fail(&new, format!("hard link to {}: {e}", old.display()));
         }
     }
     // Children first: a read-only directory can only be made so once it is filled.
     for (rel, node) in dirs.iter().rev() {
-        let name = if rel.as_os_str().is_empty() {
-            b".".as_slice()
-        } else {
-            path_bytes(rel)
-        };
+        let name = if rel.as_os_str().is_empty() { b".".as_slice() } else { path_bytes(rel) };
         if let Err(e) = apply_meta(&state, &state.root, name, node) {
             state.fail(rel, e);
         }
@@ -184,10 +168,7 @@ pub async fn restore(
         if errors.len() > 20 {
             report.push(format!("... and {} more", errors.len() - 20));
         }
-        return Err(Error::Incomplete {
-            failed: errors.len(),
-            report: report.join("\n"),
-        });
+        return Err(Error::Incomplete { failed: errors.len(), report: report.join("\n") });
     }
     Ok(summary)
 }
@@ -222,9 +203,7 @@ async fn walk(
         if cancel.load(Relaxed) {
             return Err(Error::Interrupted);
         }
-        let NodeKind::Dir { tree } = &dir_node.kind else {
-            unreachable!("only directories are stacked")
-        };
+        let NodeKind::Dir { tree } = &dir_node.kind else { unreachable!("only directories are stacked") };
         summary.dirs += 1;
         let nodes = match state.repo.read_dir(tree).await {
             Ok(n) => n,
@@ -243,12 +222,7 @@ async fn walk(
                 }
                 continue;
             }
-            let job = FileJob {
-                dir: fd.clone(),
-                name: node.name.clone(),
-                rel: child,
-                node,
-            };
+            let job = FileJob { dir: fd.clone(), name: node.name.clone(), rel: child, node };
             place(state, job, &tx, links, &mut groups, summary).await?;
         }
     }
@@ -263,10 +237,7 @@ fn clear_name(dir: &impl AsRawFd, name: &[u8], want_dir: bool) -> std::io::Resul
             if want_dir {
                 Ok(true)
             } else {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "a directory is in the way",
-                ))
+                Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a directory is in the way"))
             }
         }
         Some(_) => sys::unlink(dir, name, false).map(|()| false),
@@ -329,12 +300,8 @@ async fn place(
     summary.others += 1;
     let made = clear_name(&*job.dir, &job.name, false).and_then(|_| match &job.node.kind {
         NodeKind::Symlink { target } => sys::symlink(target, &*job.dir, &job.name),
-        NodeKind::CharDevice { rdev } => {
-            sys::mknod(&*job.dir, &job.name, libc::S_IFCHR | 0o600, *rdev)
-        }
-        NodeKind::BlockDevice { rdev } => {
-            sys::mknod(&*job.dir, &job.name, libc::S_IFBLK | 0o600, *rdev)
-        }
+        NodeKind::CharDevice { rdev } => sys::mknod(&*job.dir, &job.name, libc::S_IFCHR | 0o600, *rdev),
+        NodeKind::BlockDevice { rdev } => sys::mknod(&*job.dir, &job.name, libc::S_IFBLK | 0o600, *rdev),
         NodeKind::Fifo => sys::mknod(&*job.dir, &job.name, libc::S_IFIFO | 0o600, 0),
         NodeKind::Socket => sys::mknod(&*job.dir, &job.name, libc::S_IFSOCK | 0o600, 0),
         NodeKind::Dir { .. } | NodeKind::File { .. } => unreachable!("handled by the caller"),
@@ -347,12 +314,7 @@ async fn place(
 }
 
 /// Owner first (chown clears setuid bits and capabilities), then xattrs, mode, times.
-fn apply_meta(
-    state: &State<'_>,
-    dir: &impl AsRawFd,
-    name: &[u8],
-    node: &Node,
-) -> std::io::Result<()> {
+fn apply_meta(state: &State<'_>, dir: &impl AsRawFd, name: &[u8], node: &Node) -> std::io::Result<()> {
     let symlink = matches!(node.kind, NodeKind::Symlink { .. });
     if state.as_root {
         sys::chown(dir, name, node.uid, node.gid)?;
@@ -378,10 +340,52 @@ fn apply_meta(
     sys::set_mtime(dir, name, node.mtime_ns)
 }
 
-async fn write_file(state: &State<'_>, job: FileJob) {
+/// Restore a batch of files: small ones in groups sharing one fetch, big ones alone.
+async fn write_batch(state: &State<'_>, jobs: Vec<FileJob>) {
+    let mut group: Vec<FileJob> = Vec::new();
+    let mut group_bytes = 0;
+    for job in jobs {
+        let small = match &job.node.kind {
+            NodeKind::File { size, content: Content::Extents(e) } => {
+                *size <= GROUP_BYTES && e.len() <= CHUNK_BATCH
+            }
+            _ => false,
+        };
+        if !small {
+            write_file(state, job, None).await;
+            continue;
+        }
+        group_bytes += job.node.size();
+        group.push(job);
+        if group_bytes >= GROUP_BYTES {
+            write_group(state, std::mem::take(&mut group)).await;
+            group_bytes = 0;
+        }
+    }
+    write_group(state, group).await;
+}
+
+async fn write_group(state: &State<'_>, group: Vec<FileJob>) {
+    let ids: Vec<ChunkId> = group
+        .iter()
+        .flat_map(|job| match &job.node.kind {
+            NodeKind::File { content: Content::Extents(e), .. } => e.iter().filter_map(|e| e.chunk).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    // On a failed group fetch, each file fetches on its own, so damage is pinned to its files.
+    let fetched = if ids.is_empty() { None } else { state.repo.read_chunks(&ids).await.ok() };
+    futures::stream::iter(group)
+        .map(|job| write_file(state, job, fetched.as_ref()))
+        .buffer_unordered(8)
+        .for_each(|_| async {})
+        .await;
+}
+
+async fn write_file(state: &State<'_>, job: FileJob, fetched: Option<&HashMap<ChunkId, Arc<Vec<u8>>>>) {
     let mut tmp = TEMP_PREFIX.to_vec();
     tmp.extend_from_slice(hex::encode(rand::random::<[u8; 8]>()).as_bytes());
-    match write_content(state, &job, &tmp).await {
+    match write_content(state, &job, &tmp, fetched).await {
         Ok(()) => {
             state.files.fetch_add(1, Relaxed);
         }
@@ -392,10 +396,13 @@ async fn write_file(state: &State<'_>, job: FileJob) {
     }
 }
 
-async fn write_content(state: &State<'_>, job: &FileJob, tmp: &[u8]) -> Result<()> {
-    let NodeKind::File { size, content } = &job.node.kind else {
-        unreachable!("only files are jobs")
-    };
+async fn write_content(
+    state: &State<'_>,
+    job: &FileJob,
+    tmp: &[u8],
+    fetched: Option<&HashMap<ChunkId, Arc<Vec<u8>>>>,
+) -> Result<()> {
+    let NodeKind::File { size, content } = &job.node.kind else { unreachable!("only files are jobs") };
     let file = sys::create_file(&*job.dir, tmp).at(&job.rel)?;
     let extents = state.repo.extents(content).await?;
     let mut offset = 0u64;
@@ -404,13 +411,13 @@ async fn write_content(state: &State<'_>, job: &FileJob, tmp: &[u8]) -> Result<(
         placed.push((offset, e));
         offset += e.len;
     }
-    let chunks: Vec<(u64, Extent)> = placed
-        .into_iter()
-        .filter(|(_, e)| e.chunk.is_some())
-        .collect();
+    let chunks: Vec<(u64, Extent)> = placed.into_iter().filter(|(_, e)| e.chunk.is_some()).collect();
     for batch in chunks.chunks(CHUNK_BATCH) {
         let ids: Vec<_> = batch.iter().filter_map(|(_, e)| e.chunk).collect();
-        let data = state.repo.read_chunks(&ids).await?;
+        let data = match fetched {
+            Some(f) if ids.iter().all(|id| f.contains_key(id)) => std::borrow::Cow::Borrowed(f),
+            _ => std::borrow::Cow::Owned(state.repo.read_chunks(&ids).await?),
+        };
         for (off, e) in batch {
             let bytes = &data[&e.chunk.expect("filtered to chunks")];
             if bytes.len() as u64 != e.len {

@@ -22,12 +22,7 @@ pub fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let c = cstr(path.as_os_str().as_bytes())?;
     // SAFETY: valid C string; the returned descriptor is owned by the OwnedFd.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) };
     check(fd)?;
     // SAFETY: fd was just opened by us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -97,21 +92,10 @@ pub fn lstat(dir: &impl AsRawFd, name: &[u8]) -> io::Result<Option<libc::stat>> 
     let c = cstr(name)?;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: st is written by fstatat on success.
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
+    let r = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOENT) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+        return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
     }
     // SAFETY: fstatat succeeded.
     Ok(Some(unsafe { st.assume_init() }))
@@ -121,15 +105,7 @@ pub fn lstat(dir: &impl AsRawFd, name: &[u8]) -> io::Result<Option<libc::stat>> 
 pub fn chown(dir: &impl AsRawFd, name: &[u8], uid: u32, gid: u32) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: valid descriptor and C string.
-    check(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
 }
 
 pub fn chmod(dir: &impl AsRawFd, name: &[u8], mode: u32) -> io::Result<()> {
@@ -146,14 +122,7 @@ pub fn set_mtime(dir: &impl AsRawFd, name: &[u8], mtime_ns: i64) -> io::Result<(
     };
     let times = [t, t];
     // SAFETY: valid descriptor, C string and two timespecs.
-    check(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
+    check(unsafe { libc::utimensat(dir.as_raw_fd(), c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
 }
 
 /// Set an extended attribute on a name below `dir` without following a symlink.
@@ -163,13 +132,5 @@ pub fn set_xattr(dir: &impl AsRawFd, name: &[u8], attr: &[u8], value: &[u8]) -> 
     full.extend_from_slice(name);
     let (p, a) = (cstr(&full)?, cstr(attr)?);
     // SAFETY: valid C strings and a buffer of value.len() bytes.
-    check(unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            a.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    })
+    check(unsafe { libc::lsetxattr(p.as_ptr(), a.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }

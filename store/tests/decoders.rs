@@ -24,10 +24,7 @@ fn sample_tree() -> Vec<u8> {
         name: n.as_bytes().to_vec(),
         kind: NodeKind::File {
             size: 3,
-            content: Content::Extents(vec![Extent {
-                chunk: Some(Id::of(b"abc")),
-                len: 3,
-            }]),
+            content: Content::Extents(vec![Extent { chunk: Some(Id::of(b"abc")), len: 3 }]),
         },
         mode: 0o644,
         uid: 1,
@@ -46,12 +43,7 @@ fn sample_index() -> Vec<u8> {
         b.finish()
     };
     IndexSegment {
-        packs: vec![IndexedPack {
-            id: p.id,
-            kind: p.kind,
-            len: 9,
-            chunks: p.entries,
-        }],
+        packs: vec![IndexedPack { id: p.id, kind: p.kind, len: 9, chunks: p.entries }],
         supersedes: vec![],
     }
     .encode()
@@ -82,14 +74,7 @@ fn check_all(data: &[u8]) {
         assert!(nodes.iter().all(|n| check_name(&n.name).is_ok()));
         assert!(nodes.windows(2).all(|w| w[0].name < w[1].name));
     }
-    let _ = tree::decode_list(
-        data,
-        &tree::ListPage {
-            id: Id::of(data),
-            len: 3,
-        },
-        "t",
-    );
+    let _ = tree::decode_list(data, &tree::ListPage { id: Id::of(data), len: 3 }, "t");
     let _ = Snapshot::decode_unchecked(data, "t");
     let _ = Config::decode(data);
 }

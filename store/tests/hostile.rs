@@ -29,40 +29,21 @@ fn file(name: &[u8], data: &[u8]) -> Node {
         name,
         NodeKind::File {
             size: data.len() as u64,
-            content: Content::Extents(vec![Extent {
-                chunk: Some(Id::of(data)),
-                len: data.len() as u64,
-            }]),
+            content: Content::Extents(vec![Extent { chunk: Some(Id::of(data)), len: data.len() as u64 }]),
         },
     )
 }
 
 /// Commit a snapshot made of raw tree objects (not checked by `Tree::build`'s callers).
-async fn commit(
-    repo: &Repository,
-    objects: Vec<Vec<u8>>,
-    data: &[&[u8]],
-    root_tree: Id,
-) -> Snapshot {
+async fn commit(repo: &Repository, objects: Vec<Vec<u8>>, data: &[&[u8]], root_tree: Id) -> Snapshot {
     let mut b = PackBuilder::new(PackKind::Meta, 1 << 20);
-    for o in objects
-        .iter()
-        .map(|o| o.as_slice())
-        .chain(data.iter().copied())
-    {
+    for o in objects.iter().map(|o| o.as_slice()).chain(data.iter().copied()) {
         b.add(Id::of(o), o.len() as u32, pack::Codec::Raw, o);
     }
     let p = b.finish();
-    repo.put(&pack::object_name(&p.id), p.bytes.clone())
-        .await
-        .unwrap();
+    repo.put(&pack::object_name(&p.id), p.bytes.clone()).await.unwrap();
     let seg = IndexSegment {
-        packs: vec![IndexedPack {
-            id: p.id,
-            kind: p.kind,
-            len: p.bytes.len() as u64,
-            chunks: p.entries,
-        }],
+        packs: vec![IndexedPack { id: p.id, kind: p.kind, len: p.bytes.len() as u64, chunks: p.entries }],
         supersedes: vec![],
     };
     let (sid, bytes) = seg.encode();
@@ -94,13 +75,9 @@ fn raw_tree(nodes: Vec<Node>) -> Vec<u8> {
 }
 
 async fn repo_in(dir: &Path) -> Repository {
-    Repository::init(
-        dir.join("repo").to_str().unwrap(),
-        Chunking::default(),
-        &dir.join("cache"),
-    )
-    .await
-    .unwrap()
+    Repository::init(dir.join("repo").to_str().unwrap(), Chunking::default(), None, &dir.join("cache"))
+        .await
+        .unwrap()
 }
 
 fn listing(dir: &Path) -> Vec<String> {
@@ -130,14 +107,7 @@ async fn escaping_names_are_refused_and_nothing_outside_is_touched() {
     let outside = tmp.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
     std::fs::write(outside.join("victim"), "original").unwrap();
-    for evil in [
-        &b".."[..],
-        b".",
-        b"../outside/victim",
-        b"/etc/passwd",
-        b"a/../../x",
-        b"",
-    ] {
+    for evil in [&b".."[..], b".", b"../outside/victim", b"/etc/passwd", b"a/../../x", b""] {
         let tree = raw_tree(vec![file(evil, b"pwned")]);
         let root = Id::of(&tree);
         let snap = commit(&repo, vec![tree], &[b"pwned"], root).await;
@@ -153,16 +123,9 @@ async fn escaping_names_are_refused_and_nothing_outside_is_touched() {
         .await
         .unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("corrupt") && msg.contains("tree"),
-            "{evil:?}: {msg}"
-        );
+        assert!(msg.contains("corrupt") && msg.contains("tree"), "{evil:?}: {msg}");
         assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"original");
-        assert!(
-            listing(&target).is_empty(),
-            "{evil:?} wrote {:?}",
-            listing(&target)
-        );
+        assert!(listing(&target).is_empty(), "{evil:?} wrote {:?}", listing(&target));
     }
 }
 
@@ -175,18 +138,8 @@ async fn duplicate_names_cannot_smuggle_a_symlinked_parent() {
     // "d" as a symlink to outside, then "d" as a directory holding a file.
     let inner = raw_tree(vec![file(b"victim", b"pwned")]);
     let tree = raw_tree(vec![
-        node(
-            b"d",
-            NodeKind::Symlink {
-                target: outside.to_str().unwrap().as_bytes().to_vec(),
-            },
-        ),
-        node(
-            b"d",
-            NodeKind::Dir {
-                tree: Id::of(&inner),
-            },
-        ),
+        node(b"d", NodeKind::Symlink { target: outside.to_str().unwrap().as_bytes().to_vec() }),
+        node(b"d", NodeKind::Dir { tree: Id::of(&inner) }),
     ]);
     let root = Id::of(&tree);
     let snap = commit(&repo, vec![inner, tree], &[b"pwned"], root).await;
@@ -214,12 +167,7 @@ async fn an_existing_symlink_in_the_target_is_replaced_not_followed() {
     std::fs::create_dir(&target).unwrap();
     std::os::unix::fs::symlink(&outside, target.join("etc")).unwrap();
     let inner = raw_tree(vec![file(b"passwd", b"root:x:0:0")]);
-    let tree = raw_tree(vec![node(
-        b"etc",
-        NodeKind::Dir {
-            tree: Id::of(&inner),
-        },
-    )]);
+    let tree = raw_tree(vec![node(b"etc", NodeKind::Dir { tree: Id::of(&inner) })]);
     let root = Id::of(&tree);
     let snap = commit(&repo, vec![inner, tree], &[b"root:x:0:0"], root).await;
     cairn_store::restore::restore(
@@ -232,16 +180,9 @@ async fn an_existing_symlink_in_the_target_is_replaced_not_followed() {
     )
     .await
     .unwrap();
-    assert!(
-        listing(&outside).is_empty(),
-        "wrote through the symlink: {:?}",
-        listing(&outside)
-    );
+    assert!(listing(&outside).is_empty(), "wrote through the symlink: {:?}", listing(&outside));
     assert!(!target.join("etc").is_symlink());
-    assert_eq!(
-        std::fs::read(target.join("etc/passwd")).unwrap(),
-        b"root:x:0:0"
-    );
+    assert_eq!(std::fs::read(target.join("etc/passwd")).unwrap(), b"root:x:0:0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,16 +12,9 @@ use std::time::{Duration, Instant};
 /// The `cairn` binary built by `cargo build --workspace --bins` (scripts/test.sh does that).
 pub fn cairn_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
     let bin = dir.join("cairn");
-    assert!(
-        bin.exists(),
-        "{} not found: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} not found: run `cargo build --workspace --bins` first", bin.display());
     bin
 }
 
@@ -34,27 +27,17 @@ pub struct Repo {
 
 impl Repo {
     pub fn local(dir: &Path) -> Repo {
-        Repo {
-            url: dir.to_string_lossy().into_owned(),
-            cache: tempfile::tempdir().unwrap(),
-            env: vec![],
-        }
+        Repo { url: dir.to_string_lossy().into_owned(), cache: tempfile::tempdir().unwrap(), env: vec![] }
     }
 
     pub fn s3(moto: &Moto, bucket: &str) -> Repo {
         moto.create_bucket(bucket);
-        Repo {
-            url: format!("s3://{bucket}/repo"),
-            cache: tempfile::tempdir().unwrap(),
-            env: moto.env(),
-        }
+        Repo { url: format!("s3://{bucket}/repo"), cache: tempfile::tempdir().unwrap(), env: moto.env() }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(cairn_bin());
-        c.args(args)
-            .env("CAIRN_REPO", &self.url)
-            .env("CAIRN_CACHE_DIR", self.cache.path());
+        c.args(args).env("CAIRN_REPO", &self.url).env("CAIRN_CACHE_DIR", self.cache.path());
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -82,11 +65,7 @@ impl Repo {
         let mut args = vec!["push", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
         let out = self.ok(&args);
-        out.lines()
-            .last()
-            .expect("snapshot id line")
-            .trim()
-            .to_string()
+        out.lines().last().expect("snapshot id line").trim().to_string()
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -104,11 +83,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -117,10 +92,7 @@ impl Moto {
             .expect("moto_server not found: run scripts/setup.sh (pip install 'moto[server]')");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not start on port {port}"
-            );
+            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
             std::thread::sleep(Duration::from_millis(100));
         }
         Moto { child, port }
@@ -142,8 +114,12 @@ impl Moto {
     /// moto accepts an unsigned PUT of a bucket.
     pub fn create_bucket(&self, bucket: &str) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port)
-            .unwrap();
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
         assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
@@ -167,9 +143,7 @@ pub fn make_rich_tree(root: &Path) {
     fs::create_dir_all(root.join("etc/empty")).unwrap();
     fs::create_dir_all(root.join("usr/bin")).unwrap();
     fs::write(root.join("etc/hostname"), "sandbox\n").unwrap();
-    let big: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     fs::write(root.join("usr/bin/big"), &big).unwrap();
     fs::write(root.join("usr/bin/empty"), b"").unwrap();
     fs::set_permissions(root.join("usr/bin/big"), fs::Permissions::from_mode(0o4755)).unwrap();
@@ -177,16 +151,8 @@ pub fn make_rich_tree(root: &Path) {
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
     std::os::unix::fs::symlink("../etc/hostname", root.join("usr/link")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/abs", root.join("dangling")).unwrap();
-    fs::hard_link(
-        root.join("etc/hostname"),
-        root.join("usr/hostname-hardlink"),
-    )
-    .unwrap();
-    nix::unistd::mkfifo(
-        &root.join("fifo"),
-        nix::sys::stat::Mode::from_bits_truncate(0o640),
-    )
-    .unwrap();
+    fs::hard_link(root.join("etc/hostname"), root.join("usr/hostname-hardlink")).unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
     // A sparse file: 1 MiB data, 64 MiB hole, 4 KiB data, trailing hole.
     let f = fs::File::create(root.join("sparse")).unwrap();
     use std::os::unix::fs::FileExt;
@@ -196,26 +162,9 @@ pub fn make_rich_tree(root: &Path) {
     xattr::set(root.join("etc/hostname"), "user.cairn.test", b"value").unwrap();
     if is_root() {
         use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-        mknod(
-            &root.join("null"),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(1, 3),
-        )
-        .unwrap();
-        mknod(
-            &root.join("loop9"),
-            SFlag::S_IFBLK,
-            Mode::from_bits_truncate(0o660),
-            makedev(7, 9),
-        )
-        .unwrap();
-        nix::unistd::chown(
-            &root.join("etc/hostname"),
-            Some(1234.into()),
-            Some(5678.into()),
-        )
-        .unwrap();
+        mknod(&root.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3)).unwrap();
+        mknod(&root.join("loop9"), SFlag::S_IFBLK, Mode::from_bits_truncate(0o660), makedev(7, 9)).unwrap();
+        nix::unistd::chown(&root.join("etc/hostname"), Some(1234.into()), Some(5678.into())).unwrap();
         // security.capability as setcap writes it: cap_net_bind_service=ep (VFS_CAP_REVISION_2).
         let cap = [0u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let _ = xattr::set(root.join("usr/bin/big"), "security.capability", &cap);
@@ -255,22 +204,14 @@ fn walk(
     out: &mut BTreeMap<String, Entry>,
     inodes: &mut BTreeMap<(u64, u64), String>,
 ) {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     names.sort();
     for p in names {
         let m = std::fs::symlink_metadata(&p).unwrap();
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let ft = m.file_type();
         let link = if !ft.is_dir() && m.nlink() > 1 {
-            Some(
-                inodes
-                    .entry((m.dev(), m.ino()))
-                    .or_insert_with(|| rel.clone())
-                    .clone(),
-            )
+            Some(inodes.entry((m.dev(), m.ino())).or_insert_with(|| rel.clone()).clone())
         } else {
             None
         };
@@ -291,12 +232,9 @@ fn walk(
             size: if ft.is_dir() { 0 } else { m.size() },
             rdev: m.rdev(),
             target: ft.is_symlink().then(|| std::fs::read_link(&p).unwrap()),
-            digest: ft.is_file().then(|| {
-                *blake3::Hasher::new()
-                    .update(&std::fs::read(&p).unwrap())
-                    .finalize()
-                    .as_bytes()
-            }),
+            digest: ft
+                .is_file()
+                .then(|| *blake3::Hasher::new().update(&std::fs::read(&p).unwrap()).finalize().as_bytes()),
             xattrs,
             link,
             blocks_small: ft.is_file() && m.blocks() * 512 < m.size(),

@@ -18,9 +18,7 @@ fn fixture() -> Fixture {
     repo.ok(&["init"]);
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("d")).unwrap();
-    let data: Vec<u8> = (0..2_000_000u32)
-        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
-        .collect();
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2246822519) >> 11) as u8).collect();
     std::fs::write(src.join("d/data"), &data).unwrap();
     std::fs::write(src.join("small"), "hello").unwrap();
     let id = repo.push(&src, &[]);
@@ -39,36 +37,21 @@ fn packs(repo_dir: &Path) -> Vec<PathBuf> {
 
 /// The pack holding file data: the biggest one.
 fn data_pack(f: &Fixture) -> PathBuf {
-    packs(&f.tmp.path().join("repo"))
-        .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap()
+    packs(&f.tmp.path().join("repo")).into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap()
 }
 
 fn restore_fails(f: &Fixture, expect: &str, small_survives: bool) -> PathBuf {
     let out = f.tmp.path().join("out");
     let r = f.repo.run(&["restore", &f.id, out.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(
-        !r.status.success(),
-        "restore of a damaged repository succeeded"
-    );
-    assert!(
-        err.contains(expect),
-        "error does not say {expect:?}:\n{err}"
-    );
+    assert!(!r.status.success(), "restore of a damaged repository succeeded");
+    assert!(err.contains(expect), "error does not say {expect:?}:\n{err}");
     // No wrong bytes: the damaged file is absent, the intact one is exact.
-    assert!(
-        !out.join("d/data").exists(),
-        "a damaged file was left looking good"
-    );
+    assert!(!out.join("d/data").exists(), "a damaged file was left looking good");
     if small_survives {
         assert_eq!(std::fs::read(out.join("small")).unwrap(), b"hello");
     }
-    assert!(
-        std::fs::read_dir(out.join("d")).unwrap().next().is_none(),
-        "temporary file left behind"
-    );
+    assert!(std::fs::read_dir(out.join("d")).unwrap().next().is_none(), "temporary file left behind");
     out
 }
 
@@ -83,10 +66,7 @@ fn corrupt_pack_is_caught_by_restore_and_check() {
     let check = f.repo.run(&["check", "--read-data"]);
     assert_eq!(check.status.code(), Some(3));
     let text = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        text.contains("DAMAGE") && text.contains("/d/data"),
-        "{text}"
-    );
+    assert!(text.contains("DAMAGE") && text.contains("/d/data"), "{text}");
     // The structure check (no --read-data) still passes: damage is in the bytes.
     assert!(f.repo.run(&["check"]).status.success());
     let _ = &f.src;
@@ -97,12 +77,7 @@ fn truncated_pack_is_caught() {
     let f = fixture();
     let pack = data_pack(&f);
     let len = std::fs::metadata(&pack).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&pack)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&pack).unwrap().set_len(len / 2).unwrap();
     restore_fails(&f, "packs/", false);
     let check = f.repo.run(&["check"]);
     assert_eq!(check.status.code(), Some(3));
@@ -127,10 +102,7 @@ fn malformed_snapshot_root_is_named() {
     let r = f.repo.run(&["snapshots"]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(
-        err.contains(&format!("snapshots/{}", f.id)) && err.contains("corrupt"),
-        "{err}"
-    );
+    assert!(err.contains(&format!("snapshots/{}", f.id)) && err.contains("corrupt"), "{err}");
     // A well-formed root whose bytes do not match its name is refused too.
     let r = f.repo.run(&["show", &f.id]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("corrupt"));
@@ -142,8 +114,5 @@ fn deleting_the_cache_loses_nothing() {
     std::fs::remove_dir_all(f.repo.cache.path()).unwrap();
     let out = f.tmp.path().join("out");
     f.repo.ok(&["restore", &f.id, out.to_str().unwrap()]);
-    assert_eq!(
-        std::fs::read(out.join("d/data")).unwrap(),
-        std::fs::read(f.src.join("d/data")).unwrap()
-    );
+    assert_eq!(std::fs::read(out.join("d/data")).unwrap(), std::fs::read(f.src.join("d/data")).unwrap());
 }

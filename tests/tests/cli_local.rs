@@ -39,31 +39,16 @@ fn ls_cat_show_stats() {
     make_rich_tree(&src);
     let id = repo.push(&src, &[]);
     let ls = repo.json(&["ls", &format!("{id}:/usr")]);
-    let paths: Vec<&str> = ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
+    let paths: Vec<&str> = ls.as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
     assert_eq!(paths, ["/usr/bin", "/usr/hostname-hardlink", "/usr/link"]);
     assert_eq!(ls[2]["target"], "../etc/hostname");
     let all = repo.json(&["ls", "-R", &id]);
-    assert!(all
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["path"] == "/usr/bin/big"));
+    assert!(all.as_array().unwrap().iter().any(|e| e["path"] == "/usr/bin/big"));
 
-    let cat = repo
-        .cmd(&["cat", &format!("{}:/usr/bin/big", &id[..10])])
-        .output()
-        .unwrap();
+    let cat = repo.cmd(&["cat", &format!("{}:/usr/bin/big", &id[..10])]).output().unwrap();
     assert!(cat.status.success());
     assert_eq!(cat.stdout, std::fs::read(src.join("usr/bin/big")).unwrap());
-    let sparse = repo
-        .cmd(&["cat", &format!("{id}:/sparse")])
-        .output()
-        .unwrap();
+    let sparse = repo.cmd(&["cat", &format!("{id}:/sparse")]).output().unwrap();
     assert_eq!(sparse.stdout, std::fs::read(src.join("sparse")).unwrap());
 
     let show = repo.json(&["show", "latest"]);
@@ -71,9 +56,7 @@ fn ls_cat_show_stats() {
     assert!(show["snapshot"]["stats"]["files"].as_u64().unwrap() >= 5);
     let stats = repo.json(&["stats"]);
     assert_eq!(stats["snapshots"], 1);
-    assert!(
-        stats["data_packs"].as_u64().unwrap() >= 1 && stats["meta_packs"].as_u64().unwrap() >= 1
-    );
+    assert!(stats["data_packs"].as_u64().unwrap() >= 1 && stats["meta_packs"].as_u64().unwrap() >= 1);
 
     let missing = repo.run(&["cat", &format!("{id}:/no/such")]);
     assert!(!missing.status.success());
@@ -97,16 +80,10 @@ fn incremental_push_reads_and_stores_only_what_changed() {
     assert_eq!(second["parent"], first["snapshot"]);
     // Unchanged files are not read: only the two changed/new files (hard link: 2 names).
     let read = second["stats"]["bytes_read"].as_u64().unwrap();
-    assert!(
-        read < 100,
-        "second push read {read} bytes; unchanged files must be skipped"
-    );
+    assert!(read < 100, "second push read {read} bytes; unchanged files must be skipped");
     assert!(second["files_unchanged"].as_u64().unwrap() >= 3, "{second}");
     // New data chunks: the changed hostname and the new file; plus new trees up the path.
-    assert!(
-        second["stats"]["new_chunks"].as_u64().unwrap() <= 2,
-        "{second}"
-    );
+    assert!(second["stats"]["new_chunks"].as_u64().unwrap() <= 2, "{second}");
     let _ = old;
 
     let a = first["snapshot"].as_str().unwrap();
@@ -116,25 +93,11 @@ fn incremental_push_reads_and_stores_only_what_changed() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| {
-            (
-                c["path"].as_str().unwrap().to_string(),
-                c["change"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|c| (c["path"].as_str().unwrap().to_string(), c["change"].as_str().unwrap().to_string()))
         .collect();
-    assert!(
-        changes.contains(&("/etc/hostname".into(), "modified".into())),
-        "{changes:?}"
-    );
-    assert!(
-        changes.contains(&("/new-dir".into(), "added".into())),
-        "{changes:?}"
-    );
-    assert!(
-        changes.contains(&("/new-dir/file".into(), "added".into())),
-        "{changes:?}"
-    );
+    assert!(changes.contains(&("/etc/hostname".into(), "modified".into())), "{changes:?}");
+    assert!(changes.contains(&("/new-dir".into(), "added".into())), "{changes:?}");
+    assert!(changes.contains(&("/new-dir/file".into(), "added".into())), "{changes:?}");
 
     let out = tmp.path().join("out");
     repo.ok(&["restore", b, out.to_str().unwrap()]);
@@ -156,11 +119,7 @@ fn memory_image_holes_are_never_stored_and_restore_sparse() {
     use std::os::unix::fs::FileExt;
     let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
     for p in [0u64, 1, 2, 300, 301, 4000] {
-        f.write_all_at(
-            &page.iter().map(|b| b ^ p as u8).collect::<Vec<_>>(),
-            p * 65536,
-        )
-        .unwrap();
+        f.write_all_at(&page.iter().map(|b| b ^ p as u8).collect::<Vec<_>>(), p * 65536).unwrap();
     }
     // A page of explicit zeros written as data: still a hole in the snapshot.
     f.write_all_at(&[0u8; 65536], 100 * 65536).unwrap();
@@ -174,15 +133,9 @@ fn memory_image_holes_are_never_stored_and_restore_sparse() {
     let id = first["snapshot"].as_str().unwrap();
     repo.ok(&["restore", id, out.to_str().unwrap()]);
     let restored = out.join("mem.raw");
-    assert_eq!(
-        std::fs::read(&restored).unwrap(),
-        std::fs::read(&img).unwrap()
-    );
+    assert_eq!(std::fs::read(&restored).unwrap(), std::fs::read(&img).unwrap());
     use std::os::unix::fs::MetadataExt;
-    assert!(
-        std::fs::metadata(&restored).unwrap().blocks() * 512 < 2 << 20,
-        "holes stay holes"
-    );
+    assert!(std::fs::metadata(&restored).unwrap().blocks() * 512 < 2 << 20, "holes stay holes");
 
     // A second image sharing all but one page stores one chunk.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();

@@ -20,11 +20,7 @@ fn s3_push_restore_check_round_trip() {
     let id = push["snapshot"].as_str().unwrap().to_string();
 
     // A fresh cache: the chunk index is rebuilt from the bucket's index segments.
-    let fresh = Repo {
-        url: repo.url.clone(),
-        cache: tempfile::tempdir().unwrap(),
-        env: repo.env.clone(),
-    };
+    let fresh = Repo { url: repo.url.clone(), cache: tempfile::tempdir().unwrap(), env: repo.env.clone() };
     let out = tmp.path().join("out");
     fresh.ok(&["restore", &id, out.to_str().unwrap()]);
     assert_same_tree(&src, &out);

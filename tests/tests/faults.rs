@@ -49,10 +49,7 @@ impl FaultStore {
         self.fail_gets.store(false, SeqCst);
     }
     fn injected(path: &ObjectPath) -> object_store::Error {
-        object_store::Error::Generic {
-            store: "fault",
-            source: format!("injected failure on {path}").into(),
-        }
+        object_store::Error::Generic { store: "fault", source: format!("injected failure on {path}").into() }
     }
 }
 
@@ -71,8 +68,7 @@ impl ObjectStore for FaultStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         if let Some((prefix, after)) = &*self.put_prefix.lock().unwrap() {
-            if location.as_ref().starts_with(prefix.as_str())
-                && self.puts_seen.fetch_add(1, SeqCst) >= *after
+            if location.as_ref().starts_with(prefix.as_str()) && self.puts_seen.fetch_add(1, SeqCst) >= *after
             {
                 return Err(Self::injected(location));
             }
@@ -86,11 +82,7 @@ impl ObjectStore for FaultStore {
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.inner.put_multipart_opts(location, opts).await
     }
-    async fn get_opts(
-        &self,
-        location: &ObjectPath,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
+    async fn get_opts(&self, location: &ObjectPath, options: GetOptions) -> object_store::Result<GetResult> {
         if self.fail_gets.load(SeqCst) && location.as_ref().starts_with("packs/") {
             return Err(Self::injected(location));
         }
@@ -112,16 +104,10 @@ impl ObjectStore for FaultStore {
     ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
         self.inner.delete_stream(locations)
     }
-    fn list(
-        &self,
-        prefix: Option<&ObjectPath>,
-    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+    fn list(&self, prefix: Option<&ObjectPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         self.inner.list(prefix)
     }
-    async fn list_with_delimiter(
-        &self,
-        prefix: Option<&ObjectPath>,
-    ) -> object_store::Result<ListResult> {
+    async fn list_with_delimiter(&self, prefix: Option<&ObjectPath>) -> object_store::Result<ListResult> {
         self.inner.list_with_delimiter(prefix).await
     }
     async fn copy_opts(
@@ -137,9 +123,7 @@ impl ObjectStore for FaultStore {
 fn tree(root: &Path, files: usize, size: usize) {
     std::fs::create_dir_all(root).unwrap();
     for i in 0..files {
-        let data: Vec<u8> = (0..size)
-            .map(|j| ((j * 31 + i * 7919) % 251) as u8 ^ (j / 4096) as u8)
-            .collect();
+        let data: Vec<u8> = (0..size).map(|j| ((j * 31 + i * 7919) % 251) as u8 ^ (j / 4096) as u8).collect();
         std::fs::write(root.join(format!("f{i:04}")), data).unwrap();
     }
 }
@@ -155,11 +139,7 @@ fn opts(src: &Path) -> PushOptions {
     }
 }
 
-async fn restore_to(
-    repo: &Repository,
-    id: &cairn_store::Id,
-    out: &Path,
-) -> cairn_store::Result<()> {
+async fn restore_to(repo: &Repository, id: &cairn_store::Id, out: &Path) -> cairn_store::Result<()> {
     let snap = repo.load_snapshot(id).await?;
     cairn_store::restore::restore(
         repo,
@@ -179,32 +159,21 @@ async fn store_errors_during_push_commit_nothing_and_a_retry_succeeds() {
     let src = tmp.path().join("src");
     tree(&src, 40, 600_000); // several packs
     let faults = FaultStore::new();
-    let repo = Repository::init_on(
-        faults.clone(),
-        "fault://",
-        Chunking::default(),
-        &tmp.path().join("cache"),
-    )
-    .await
-    .unwrap();
+    let repo =
+        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
+            .await
+            .unwrap();
     let cancel = AtomicBool::new(false);
     for (prefix, after) in [("packs/", 1), ("index/", 0), ("snapshots/", 0)] {
         faults.fail_puts(prefix, after);
-        let err = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &cancel)
-            .await
-            .unwrap_err();
+        let err = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &cancel).await.unwrap_err();
         assert!(err.to_string().contains(prefix), "{prefix}: {err}");
-        assert!(
-            repo.snapshot_ids().await.unwrap().is_empty(),
-            "a failed push committed a snapshot"
-        );
+        assert!(repo.snapshot_ids().await.unwrap().is_empty(), "a failed push committed a snapshot");
         let report = cairn_store::commands::check(&repo, true).await.unwrap();
         assert!(report.is_ok(), "{:?}", report.damage);
     }
     faults.heal();
-    let summary = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &cancel)
-        .await
-        .unwrap();
+    let summary = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &cancel).await.unwrap();
     let out = tmp.path().join("out");
     restore_to(&repo, &summary.snapshot, &out).await.unwrap();
     assert_same_tree(&src, &out);
@@ -216,22 +185,15 @@ async fn read_errors_fail_the_restore_and_leave_no_file_looking_good() {
     let src = tmp.path().join("src");
     tree(&src, 5, 100_000);
     let faults = FaultStore::new();
-    let repo = Repository::init_on(
-        faults.clone(),
-        "fault://",
-        Chunking::default(),
-        &tmp.path().join("cache"),
-    )
-    .await
-    .unwrap();
-    let summary = cairn_store::push::push(&repo, &opts(&src), &NoProgress, &AtomicBool::new(false))
-        .await
-        .unwrap();
+    let repo =
+        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
+            .await
+            .unwrap();
+    let summary =
+        cairn_store::push::push(&repo, &opts(&src), &NoProgress, &AtomicBool::new(false)).await.unwrap();
     faults.fail_gets.store(true, SeqCst);
     let out = tmp.path().join("out");
-    let err = restore_to(&repo, &summary.snapshot, &out)
-        .await
-        .unwrap_err();
+    let err = restore_to(&repo, &summary.snapshot, &out).await.unwrap_err();
     assert!(err.to_string().contains("injected failure"), "{err}");
     assert!(
         std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0,
@@ -280,10 +242,7 @@ fn s3_that_never_answers_times_out_with_a_clear_error() {
     let took = started.elapsed();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("config") && (err.contains("timed out") || err.contains("timeout")),
-        "{err}"
-    );
+    assert!(err.contains("config") && (err.contains("timed out") || err.contains("timeout")), "{err}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
     drop(hold);
 }
@@ -316,15 +275,8 @@ fn a_full_disk_fails_the_restore_cleanly() {
         .collect();
     // Every file that appeared under its name is complete and exact.
     for name in &listing {
-        assert!(
-            !name.starts_with(".cairn-restore-"),
-            "temporary {name} left behind"
-        );
-        assert_eq!(
-            std::fs::read(mnt.join(name)).unwrap(),
-            std::fs::read(src.join(name)).unwrap(),
-            "{name}"
-        );
+        assert!(!name.starts_with(".cairn-restore-"), "temporary {name} left behind");
+        assert_eq!(std::fs::read(mnt.join(name)).unwrap(), std::fs::read(src.join(name)).unwrap(), "{name}");
     }
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     assert!(!out.status.success(), "restore onto a full disk succeeded");
@@ -368,10 +320,7 @@ fn a_killed_push_or_restore_leaves_every_snapshot_whole() {
     }
     // Kill a restore, then restore again into the same directory: exact, no leftovers.
     let out = tmp.path().join("out");
-    let mut child = repo
-        .cmd(&["restore", &first, out.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+    let mut child = repo.cmd(&["restore", &first, out.to_str().unwrap()]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let _ = child.kill();
     let _ = child.wait();

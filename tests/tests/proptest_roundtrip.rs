@@ -15,15 +15,8 @@ use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Spec {
-    File {
-        data: Vec<u8>,
-        hole_before: u32,
-        mode: u32,
-    },
-    Dir {
-        children: Vec<(String, Spec)>,
-        mode: u32,
-    },
+    File { data: Vec<u8>, hole_before: u32, mode: u32 },
+    Dir { children: Vec<(String, Spec)>, mode: u32 },
     Symlink(String),
     Fifo,
     HardLinkToFirstFile,
@@ -36,8 +29,7 @@ fn name() -> impl Strategy<Value = String> {
 fn data() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..2000),
-        (any::<u8>(), 1usize..400_000)
-            .prop_map(|(b, n)| (0..n).map(|i| b ^ (i / 1000) as u8).collect()),
+        (any::<u8>(), 1usize..400_000).prop_map(|(b, n)| (0..n).map(|i| b ^ (i / 1000) as u8).collect()),
     ]
 }
 
@@ -53,24 +45,14 @@ fn spec() -> impl Strategy<Value = Spec> {
         1 => Just(Spec::HardLinkToFirstFile),
     ];
     leaf.prop_recursive(3, 40, 6, |inner| {
-        (
-            prop::collection::btree_map(name(), inner, 0..6),
-            0o700u32..0o7777,
-        )
-            .prop_map(|(m, mode)| Spec::Dir {
-                children: m.into_iter().collect(),
-                mode: mode | 0o700,
-            })
+        (prop::collection::btree_map(name(), inner, 0..6), 0o700u32..0o7777)
+            .prop_map(|(m, mode)| Spec::Dir { children: m.into_iter().collect(), mode: mode | 0o700 })
     })
 }
 
 fn materialize(path: &Path, spec: &Spec, first_file: &mut Option<std::path::PathBuf>, seed: u64) {
     match spec {
-        Spec::File {
-            data,
-            hole_before,
-            mode,
-        } => {
+        Spec::File { data, hole_before, mode } => {
             let f = std::fs::File::create(path).unwrap();
             f.write_all_at(data, *hole_before as u64).unwrap();
             f.set_len(*hole_before as u64 + data.len() as u64).unwrap();
@@ -86,9 +68,7 @@ fn materialize(path: &Path, spec: &Spec, first_file: &mut Option<std::path::Path
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).unwrap();
         }
         Spec::Symlink(t) => std::os::unix::fs::symlink(t, path).unwrap(),
-        Spec::Fifo => {
-            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
-        }
+        Spec::Fifo => nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap(),
         Spec::HardLinkToFirstFile => match first_file {
             Some(f) => std::fs::hard_link(f, path).unwrap(),
             None => std::fs::write(path, b"no file yet").unwrap(),
@@ -97,18 +77,12 @@ fn materialize(path: &Path, spec: &Spec, first_file: &mut Option<std::path::Path
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 async fn memory_repo(cache: &Path) -> Repository {
     let store = Arc::new(object_store::memory::InMemory::new());
-    Repository::init_on(store, "memory://", Chunking::default(), cache)
-        .await
-        .unwrap()
+    Repository::init_on(store, "memory://", Chunking::default(), cache).await.unwrap()
 }
 
 fn opts(source: &Path, kind: Kind) -> PushOptions {

@@ -62,11 +62,7 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
         let bytes = repo.get(&name).await?;
         match IndexSegment::decode(&bytes, &name) {
             Ok(seg) => indexed.extend(seg.packs.iter().map(|p| (p.id, p.len))),
-            Err(e) => report.damage.push(Damage {
-                snapshot: None,
-                path: None,
-                problem: e.to_string(),
-            }),
+            Err(e) => report.damage.push(Damage { snapshot: None, path: None, problem: e.to_string() }),
         }
     }
     report.packs = indexed.len();
@@ -88,11 +84,8 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     }
     let mut bad: HashMap<ChunkId, String> = HashMap::new();
     if read_data {
-        let names: Vec<PackId> = indexed
-            .keys()
-            .copied()
-            .filter(|id| listed.contains_key(&pack::object_name(id)))
-            .collect();
+        let names: Vec<PackId> =
+            indexed.keys().copied().filter(|id| listed.contains_key(&pack::object_name(id))).collect();
         let mut reads = futures::stream::iter(names.into_iter().map(|id| async move {
             let name = pack::object_name(&id);
             let result = async {
@@ -104,8 +97,7 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                 match pack::decode_table_of(&bytes, &name) {
                     Ok((_, entries)) => {
                         for e in entries {
-                            let stored =
-                                &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                            let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
                             if let Err(err) = pack::open_chunk(&e, stored, &name) {
                                 bad.push((Some(e.id), err.to_string()));
                             }
@@ -129,11 +121,7 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                             Some(c) => {
                                 bad.insert(c, problem);
                             }
-                            None => report.damage.push(Damage {
-                                snapshot: None,
-                                path: None,
-                                problem,
-                            }),
+                            None => report.damage.push(Damage { snapshot: None, path: None, problem }),
                         }
                     }
                 }
@@ -160,13 +148,8 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                 continue;
             }
         };
-        let mut walk = Walk {
-            repo,
-            snapshot: id.to_hex(),
-            bad: &bad,
-            clean: &mut clean,
-            report: &mut report,
-        };
+        let mut walk =
+            Walk { repo, snapshot: id.to_hex(), bad: &bad, clean: &mut clean, report: &mut report };
         walk.node(&snap.root, "/".into()).await;
     }
     Ok(report)

@@ -32,11 +32,7 @@ pub async fn diff(repo: &Repository, a: &Node, b: &Node) -> Result<Vec<DiffEntry
 }
 
 fn same_meta(a: &Node, b: &Node) -> bool {
-    a.mode == b.mode
-        && a.uid == b.uid
-        && a.gid == b.gid
-        && a.mtime_ns == b.mtime_ns
-        && a.xattrs == b.xattrs
+    a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtime_ns == b.mtime_ns && a.xattrs == b.xattrs
 }
 
 fn diff_nodes<'a>(
@@ -50,10 +46,7 @@ fn diff_nodes<'a>(
         match (&a.kind, &b.kind) {
             (NodeKind::Dir { tree: ta }, NodeKind::Dir { tree: tb }) => {
                 if !same_meta(a, b) && !path.is_empty() {
-                    out.push(DiffEntry {
-                        path: path.clone(),
-                        change: Change::Metadata,
-                    });
+                    out.push(DiffEntry { path: path.clone(), change: Change::Metadata });
                 }
                 if ta == tb {
                     return Ok(());
@@ -86,16 +79,10 @@ fn diff_nodes<'a>(
             }
             (ka, kb) if ka == kb => {
                 if !same_meta(a, b) {
-                    out.push(DiffEntry {
-                        path: display(path),
-                        change: Change::Metadata,
-                    });
+                    out.push(DiffEntry { path: display(path), change: Change::Metadata });
                 }
             }
-            _ => out.push(DiffEntry {
-                path: display(path),
-                change: Change::Modified,
-            }),
+            _ => out.push(DiffEntry { path: display(path), change: Change::Modified }),
         }
         Ok(())
     })
@@ -119,10 +106,7 @@ fn added_or_removed<'a>(
 ) -> BoxFuture<'a, Result<()>> {
     Box::pin(async move {
         let path = format!("{parent}/{}", String::from_utf8_lossy(&node.name));
-        out.push(DiffEntry {
-            path: path.clone(),
-            change,
-        });
+        out.push(DiffEntry { path: path.clone(), change });
         if let NodeKind::Dir { tree } = &node.kind {
             for child in repo.read_dir(tree).await? {
                 added_or_removed(repo, &child, &path, change, out).await?;

@@ -53,12 +53,7 @@ fn entry(path: String, node: &Node) -> LsEntry {
 }
 
 /// The entries of a directory in a snapshot (or the one entry a file path names).
-pub async fn ls(
-    repo: &Repository,
-    snap: &Snapshot,
-    path: &str,
-    recursive: bool,
-) -> Result<Vec<LsEntry>> {
+pub async fn ls(repo: &Repository, snap: &Snapshot, path: &str, recursive: bool) -> Result<Vec<LsEntry>> {
     let node = repo.walk_path(&snap.root, path).await?;
     let base = format!("/{}", path.trim_matches('/'));
     let mut out = Vec::new();
@@ -102,10 +97,7 @@ pub async fn cat(
 ) -> Result<u64> {
     let node = repo.walk_path(&snap.root, path).await?;
     let NodeKind::File { content, .. } = &node.kind else {
-        return Err(Error::Usage(format!(
-            "{path} is a {}, not a file",
-            kind_name(&node)
-        )));
+        return Err(Error::Usage(format!("{path} is a {}, not a file", kind_name(&node))));
     };
     let mut written = 0;
     let zeros = vec![0u8; 1 << 16];
@@ -113,15 +105,13 @@ pub async fn cat(
         match e.chunk {
             Some(id) => {
                 let data = repo.read_chunk(&id).await?;
-                out.write_all(&data)
-                    .map_err(|err| Error::io("<stdout>", err))?;
+                out.write_all(&data).map_err(|err| Error::io("<stdout>", err))?;
             }
             None => {
                 let mut left = e.len;
                 while left > 0 {
                     let n = left.min(zeros.len() as u64) as usize;
-                    out.write_all(&zeros[..n])
-                        .map_err(|err| Error::io("<stdout>", err))?;
+                    out.write_all(&zeros[..n]).map_err(|err| Error::io("<stdout>", err))?;
                     left -= n as u64;
                 }
             }

@@ -31,12 +31,7 @@ pub struct Chunking {
 
 impl Default for Chunking {
     fn default() -> Chunking {
-        Chunking {
-            fs_min: 64 * 1024,
-            fs_avg: 256 * 1024,
-            fs_max: 1024 * 1024,
-            memory: 64 * 1024,
-        }
+        Chunking { fs_min: 64 * 1024, fs_avg: 256 * 1024, fs_max: 1024 * 1024, memory: 64 * 1024 }
     }
 }
 
@@ -54,27 +49,20 @@ impl Config {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Config> {
-        let config: Config =
-            serde_json::from_slice(bytes).map_err(|e| Error::corrupt(CONFIG_OBJECT, e))?;
+        let config: Config = serde_json::from_slice(bytes).map_err(|e| Error::corrupt(CONFIG_OBJECT, e))?;
         if config.format != 1 {
-            return Err(Error::corrupt(
-                CONFIG_OBJECT,
-                format!("unsupported format {}", config.format),
-            ));
+            return Err(Error::corrupt(CONFIG_OBJECT, format!("unsupported format {}", config.format)));
         }
         if config.id.is_empty() || !config.id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(Error::corrupt(
-                CONFIG_OBJECT,
-                "repository id must be alphanumeric",
-            ));
+            return Err(Error::corrupt(CONFIG_OBJECT, "repository id must be alphanumeric"));
         }
         if !(1 << 20..=1 << 30).contains(&config.pack_size) {
             return Err(Error::corrupt(CONFIG_OBJECT, "pack_size out of range"));
         }
-        config
-            .chunking
-            .validate()
-            .map_err(|e| Error::corrupt(CONFIG_OBJECT, e))?;
+        if !(1..=19).contains(&config.zstd_level) {
+            return Err(Error::corrupt(CONFIG_OBJECT, "zstd_level out of range 1..=19"));
+        }
+        config.chunking.validate().map_err(|e| Error::corrupt(CONFIG_OBJECT, e))?;
         Ok(config)
     }
 

@@ -47,8 +47,8 @@ impl IndexSegment {
 
     pub fn decode(bytes: &[u8], object: &str) -> Result<IndexSegment> {
         let body = unzstd(check_header(bytes, MAGIC, object)?, MAX_DECODED, object)?;
-        let seg: IndexSegment = postcard::from_bytes(&body)
-            .map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
+        let seg: IndexSegment =
+            postcard::from_bytes(&body).map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
         Ok(seg)
     }
 

@@ -28,10 +28,7 @@ pub(crate) fn check_header<'a>(bytes: &'a [u8], magic: &[u8; 4], object: &str) -
         ));
     }
     if bytes[4] != 1 {
-        return Err(Error::corrupt(
-            object,
-            format!("unsupported version {}", bytes[4]),
-        ));
+        return Err(Error::corrupt(object, format!("unsupported version {}", bytes[4])));
     }
     Ok(&bytes[5..])
 }

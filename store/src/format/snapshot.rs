@@ -79,16 +79,11 @@ impl Snapshot {
     }
 
     pub fn decode_unchecked(bytes: &[u8], object: &str) -> Result<Snapshot> {
-        let snap: Snapshot =
-            serde_json::from_slice(bytes).map_err(|e| Error::corrupt(object, e))?;
+        let snap: Snapshot = serde_json::from_slice(bytes).map_err(|e| Error::corrupt(object, e))?;
         if snap.format != 1 {
-            return Err(Error::corrupt(
-                object,
-                format!("unsupported format {}", snap.format),
-            ));
+            return Err(Error::corrupt(object, format!("unsupported format {}", snap.format)));
         }
-        humantime::parse_rfc3339(&snap.time)
-            .map_err(|e| Error::corrupt(object, format!("time: {e}")))?;
+        humantime::parse_rfc3339(&snap.time).map_err(|e| Error::corrupt(object, format!("time: {e}")))?;
         snap.root.validate(object)?;
         Ok(snap)
     }

@@ -104,10 +104,7 @@ pub struct MetaObject {
 impl MetaObject {
     fn new(magic: &[u8; 4], body: Vec<u8>) -> MetaObject {
         let bytes = with_header(magic, &body);
-        MetaObject {
-            id: Id::of(&bytes),
-            bytes,
-        }
+        MetaObject { id: Id::of(&bytes), bytes }
     }
 }
 
@@ -141,8 +138,7 @@ impl Node {
 
     pub(crate) fn validate(&self, object: &str) -> Result<()> {
         let name = String::from_utf8_lossy(&self.name);
-        check_name(&self.name)
-            .map_err(|why| Error::corrupt(object, format!("entry {name:?}: {why}")))?;
+        check_name(&self.name).map_err(|why| Error::corrupt(object, format!("entry {name:?}: {why}")))?;
         if self.mode & !0o7777 != 0 {
             return Err(Error::corrupt(
                 object,
@@ -153,8 +149,7 @@ impl Node {
             let (sum, ok) = match content {
                 Content::Extents(ex) => (
                     ex.iter().try_fold(0u64, |a, e| a.checked_add(e.len)),
-                    ex.iter()
-                        .all(|e| e.len > 0 && (e.chunk.is_none() || e.len <= MAX_CHUNK)),
+                    ex.iter().all(|e| e.len > 0 && (e.chunk.is_none() || e.len <= MAX_CHUNK)),
                 ),
                 Content::Lists(pages) => (
                     pages.iter().try_fold(0u64, |a, p| a.checked_add(p.len)),
@@ -170,10 +165,7 @@ impl Node {
         }
         if let NodeKind::Symlink { target } = &self.kind {
             if target.is_empty() || target.contains(&0) {
-                return Err(Error::corrupt(
-                    object,
-                    format!("entry {name:?}: bad symlink target"),
-                ));
+                return Err(Error::corrupt(object, format!("entry {name:?}: bad symlink target")));
             }
         }
         Ok(())
@@ -189,28 +181,17 @@ impl Tree {
         if body.len() <= PAGE_BYTES {
             return vec![MetaObject::new(TREE_MAGIC, body)];
         }
-        let Tree::Leaf(nodes) = leaf else {
-            unreachable!()
-        };
+        let Tree::Leaf(nodes) = leaf else { unreachable!() };
         let mut objects = Vec::new();
         let mut pages = Vec::new();
         let mut current: Vec<Node> = Vec::new();
         let mut current_bytes = 0;
         let mut flush = |current: &mut Vec<Node>, objects: &mut Vec<MetaObject>| {
             let page = Tree::Leaf(std::mem::take(current));
-            let Tree::Leaf(ref nodes) = page else {
-                unreachable!()
-            };
+            let Tree::Leaf(ref nodes) = page else { unreachable!() };
             let (first, count) = (nodes[0].name.clone(), nodes.len() as u32);
-            let obj = MetaObject::new(
-                TREE_MAGIC,
-                postcard::to_stdvec(&page).expect("tree serializes"),
-            );
-            pages.push(TreePage {
-                first,
-                id: obj.id,
-                count,
-            });
+            let obj = MetaObject::new(TREE_MAGIC, postcard::to_stdvec(&page).expect("tree serializes"));
+            pages.push(TreePage { first, id: obj.id, count });
             objects.push(obj);
         };
         for node in nodes {
@@ -226,17 +207,14 @@ impl Tree {
             flush(&mut current, &mut objects);
         }
         let top = Tree::Pages(pages);
-        objects.push(MetaObject::new(
-            TREE_MAGIC,
-            postcard::to_stdvec(&top).expect("tree serializes"),
-        ));
+        objects.push(MetaObject::new(TREE_MAGIC, postcard::to_stdvec(&top).expect("tree serializes")));
         objects
     }
 
     pub fn decode(bytes: &[u8], object: &str) -> Result<Tree> {
         let body = check_header(bytes, TREE_MAGIC, object)?;
-        let tree: Tree = postcard::from_bytes(body)
-            .map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
+        let tree: Tree =
+            postcard::from_bytes(body).map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
         match &tree {
             Tree::Leaf(nodes) => {
                 for n in nodes {
@@ -265,14 +243,8 @@ pub fn build_content(extents: Vec<Extent>) -> (Content, Vec<MetaObject>) {
     let pages = extents
         .chunks(LIST_EXTENTS)
         .map(|part| {
-            let obj = MetaObject::new(
-                LIST_MAGIC,
-                postcard::to_stdvec(part).expect("list serializes"),
-            );
-            let page = ListPage {
-                id: obj.id,
-                len: part.iter().map(|e| e.len).sum(),
-            };
+            let obj = MetaObject::new(LIST_MAGIC, postcard::to_stdvec(part).expect("list serializes"));
+            let page = ListPage { id: obj.id, len: part.iter().map(|e| e.len).sum() };
             objects.push(obj);
             page
         })
@@ -285,22 +257,9 @@ pub fn decode_list(bytes: &[u8], page: &ListPage, object: &str) -> Result<Vec<Ex
     let body = check_header(bytes, LIST_MAGIC, object)?;
     let extents: Vec<Extent> =
         postcard::from_bytes(body).map_err(|e| Error::corrupt(object, format!("postcard: {e}")))?;
-    let sum = extents.iter().try_fold(0u64, |a, e| {
-        if e.len == 0 {
-            None
-        } else {
-            a.checked_add(e.len)
-        }
-    });
-    if sum != Some(page.len)
-        || extents
-            .iter()
-            .any(|e| e.chunk.is_some() && e.len > MAX_CHUNK)
-    {
-        return Err(Error::corrupt(
-            object,
-            "chunk list does not add up to its page length",
-        ));
+    let sum = extents.iter().try_fold(0u64, |a, e| if e.len == 0 { None } else { a.checked_add(e.len) });
+    if sum != Some(page.len) || extents.iter().any(|e| e.chunk.is_some() && e.len > MAX_CHUNK) {
+        return Err(Error::corrupt(object, "chunk list does not add up to its page length"));
     }
     Ok(extents)
 }
@@ -312,13 +271,7 @@ mod tests {
     fn file(name: &str, size: u64) -> Node {
         Node {
             name: name.as_bytes().to_vec(),
-            kind: NodeKind::File {
-                size,
-                content: Content::Extents(vec![Extent {
-                    chunk: None,
-                    len: size,
-                }]),
-            },
+            kind: NodeKind::File { size, content: Content::Extents(vec![Extent { chunk: None, len: size }]) },
             mode: 0o644,
             uid: 0,
             gid: 0,
@@ -332,9 +285,7 @@ mod tests {
     fn small_directory_is_one_leaf() {
         let objs = Tree::build(vec![file("a", 1), file("b", 2)]);
         assert_eq!(objs.len(), 1);
-        assert!(
-            matches!(Tree::decode(&objs[0].bytes, "t").unwrap(), Tree::Leaf(n) if n.len() == 2)
-        );
+        assert!(matches!(Tree::decode(&objs[0].bytes, "t").unwrap(), Tree::Leaf(n) if n.len() == 2));
     }
 
     #[test]
@@ -342,19 +293,12 @@ mod tests {
         let nodes: Vec<Node> = (0..20_000).map(|i| file(&format!("f{i:06}"), 1)).collect();
         let objs = Tree::build(nodes);
         assert!(objs.len() > 3);
-        let Tree::Pages(pages) = Tree::decode(&objs.last().unwrap().bytes, "t").unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            pages.iter().map(|p| p.count as usize).sum::<usize>(),
-            20_000
-        );
+        let Tree::Pages(pages) = Tree::decode(&objs.last().unwrap().bytes, "t").unwrap() else { panic!() };
+        assert_eq!(pages.iter().map(|p| p.count as usize).sum::<usize>(), 20_000);
         for (page, obj) in pages.iter().zip(&objs) {
             assert_eq!(page.id, obj.id);
             assert!(obj.bytes.len() <= PAGE_BYTES + 200);
-            let Tree::Leaf(n) = Tree::decode(&obj.bytes, "p").unwrap() else {
-                panic!()
-            };
+            let Tree::Leaf(n) = Tree::decode(&obj.bytes, "p").unwrap() else { panic!() };
             assert_eq!(n[0].name, page.first);
         }
     }
@@ -371,22 +315,13 @@ mod tests {
 
     #[test]
     fn long_content_moves_to_lists() {
-        let ext: Vec<Extent> = (0..10_000u32)
-            .map(|i| Extent {
-                chunk: Some(Id::of(&i.to_le_bytes())),
-                len: 7,
-            })
-            .collect();
+        let ext: Vec<Extent> =
+            (0..10_000u32).map(|i| Extent { chunk: Some(Id::of(&i.to_le_bytes())), len: 7 }).collect();
         let (content, objs) = build_content(ext.clone());
-        let Content::Lists(pages) = content else {
-            panic!()
-        };
+        let Content::Lists(pages) = content else { panic!() };
         assert_eq!(pages.len(), 3);
-        let back: Vec<Extent> = pages
-            .iter()
-            .zip(&objs)
-            .flat_map(|(p, o)| decode_list(&o.bytes, p, "l").unwrap())
-            .collect();
+        let back: Vec<Extent> =
+            pages.iter().zip(&objs).flat_map(|(p, o)| decode_list(&o.bytes, p, "l").unwrap()).collect();
         assert_eq!(back, ext);
     }
 }

@@ -74,10 +74,7 @@ impl PushSummary {
 }
 
 pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into())
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
 }
 
 pub async fn push(
@@ -106,22 +103,13 @@ pub async fn push(
         Kind::Fs => Chunker::fs(&chunking),
         Kind::Memory => Chunker::memory(&chunking),
     };
-    let name = source
-        .file_name()
-        .map(|n| n.as_bytes().to_vec())
-        .unwrap_or_else(|| b"root".to_vec());
+    let name = source.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
 
     let (tx, rx) = packer::channel();
     let uploads = tokio::spawn(packer::upload_all(repo.store().clone(), rx));
-    let packer = packer::Packer::new(
-        repo.config().pack_size as usize,
-        repo.config().zstd_level,
-        tx,
-    );
-    let started_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let packer = packer::Packer::new(repo.config().pack_size as usize, repo.config().zstd_level, tx);
+    let started_ns =
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
     let walker = Walker {
         cache: repo.cache(),
         packer: &packer,
@@ -142,33 +130,20 @@ pub async fn push(
         packer.flush()?;
         Ok::<_, Error>(root)
     });
-    let Walker {
-        counts: c,
-        meta_packs,
-        ..
-    } = walker;
+    let Walker { counts: c, meta_packs, .. } = walker;
     drop(packer); // closes the upload queue
-    let uploaded = uploads
-        .await
-        .map_err(|e| Error::Usage(format!("upload task: {e}")))?;
+    let uploaded = uploads.await.map_err(|e| Error::Usage(format!("upload task: {e}")))?;
     let root = walked?;
     let packs = uploaded?;
 
     // Commit, in order: index segments (packs are all stored), then the snapshot root.
     let mut meta_packs = meta_packs.into_inner().expect("meta lock");
-    meta_packs.extend(
-        packs
-            .iter()
-            .filter(|p| p.kind == PackKind::Meta)
-            .map(|p| p.id),
-    );
+    meta_packs.extend(packs.iter().filter(|p| p.kind == PackKind::Meta).map(|p| p.id));
     let stored_bytes: u64 = packs.iter().map(|p| p.len).sum();
     let mut segment = IndexSegment::default();
     let mut segments = Vec::new();
     for p in &packs {
-        if segment.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT
-            && !segment.packs.is_empty()
-        {
+        if segment.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !segment.packs.is_empty() {
             segments.push(std::mem::take(&mut segment));
         }
         segment.packs.push(p.clone());
@@ -203,9 +178,7 @@ pub async fn push(
         kind: opts.kind,
         tags: opts.tags.clone(),
         parent,
-        expires: opts
-            .expire_in
-            .map(|d| humantime::format_rfc3339_seconds(now + d).to_string()),
+        expires: opts.expire_in.map(|d| humantime::format_rfc3339_seconds(now + d).to_string()),
         root,
         meta_packs,
         stats: stats.clone(),

@@ -61,11 +61,7 @@ impl Packer {
         let full = {
             let mut b = builder.lock().expect("pack lock");
             b.add(id, raw.len() as u32, codec, &stored);
-            let limit = if kind == PackKind::Meta {
-                self.pack_size / 4
-            } else {
-                self.pack_size
-            };
+            let limit = if kind == PackKind::Meta { self.pack_size / 4 } else { self.pack_size };
             if b.len() >= limit {
                 Some(std::mem::replace(&mut *b, PackBuilder::new(kind, limit)))
             } else {
@@ -79,18 +75,13 @@ impl Packer {
     }
 
     fn send(&self, builder: PackBuilder) -> Result<()> {
-        self.tx
-            .blocking_send(builder.finish())
-            .map_err(|_| Error::Usage("pack upload stopped".into()))
+        self.tx.blocking_send(builder.finish()).map_err(|_| Error::Usage("pack upload stopped".into()))
     }
 
     /// Close the open packs.
     pub fn flush(&self) -> Result<()> {
         for (kind, builder) in [(PackKind::Data, &self.data), (PackKind::Meta, &self.meta)] {
-            let b = std::mem::replace(
-                &mut *builder.lock().expect("pack lock"),
-                PackBuilder::new(kind, 0),
-            );
+            let b = std::mem::replace(&mut *builder.lock().expect("pack lock"), PackBuilder::new(kind, 0));
             if !b.is_empty() {
                 self.send(b)?;
             }
@@ -113,27 +104,15 @@ pub async fn upload_all(
     let mut done = Vec::new();
     let mut first_error = None;
     while let Some(p) = rx.recv().await {
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
+        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
         let store = store.clone();
         tasks.spawn(async move {
             let name = pack::object_name(&p.id);
             let len = p.bytes.len() as u64;
             let payload = PutPayload::from(Bytes::clone(&p.bytes));
-            store
-                .put(&ObjectPath::from(name.as_str()), payload)
-                .await
-                .map_err(|e| Error::store(&name, e))?;
+            store.put(&ObjectPath::from(name.as_str()), payload).await.map_err(|e| Error::store(&name, e))?;
             drop(permit);
-            Ok::<_, Error>(IndexedPack {
-                id: p.id,
-                kind: p.kind,
-                len,
-                chunks: p.entries,
-            })
+            Ok::<_, Error>(IndexedPack { id: p.id, kind: p.kind, len, chunks: p.entries })
         });
         while let Some(r) = tasks.try_join_next() {
             collect(r, &mut done, &mut first_error);

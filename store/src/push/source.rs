@@ -34,11 +34,7 @@ pub enum Chunker {
 
 impl Chunker {
     pub fn fs(c: &Chunking) -> Chunker {
-        Chunker::Cdc {
-            min: c.fs_min,
-            avg: c.fs_avg,
-            max: c.fs_max,
-        }
+        Chunker::Cdc { min: c.fs_min, avg: c.fs_avg, max: c.fs_max }
     }
     pub fn memory(c: &Chunking) -> Chunker {
         Chunker::Fixed { size: c.memory }
@@ -93,10 +89,7 @@ impl Walker<'_> {
     pub fn file(&self, path: &Path, name: Vec<u8>) -> Result<Node> {
         let meta = std::fs::metadata(path).at(path)?;
         if !meta.is_file() {
-            return Err(Error::Usage(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            return Err(Error::Usage(format!("{} is not a regular file", path.display())));
         }
         self.node(path, name, &meta)
     }
@@ -109,9 +102,7 @@ impl Walker<'_> {
         use std::os::unix::fs::FileTypeExt;
         let kind = if ft.is_dir() {
             self.counts.dirs.fetch_add(1, Relaxed);
-            NodeKind::Dir {
-                tree: self.tree(path)?,
-            }
+            NodeKind::Dir { tree: self.tree(path)? }
         } else if ft.is_file() {
             self.counts.files.fetch_add(1, Relaxed);
             let (size, content) = self.file_content(path, meta)?;
@@ -121,12 +112,7 @@ impl Walker<'_> {
         } else {
             self.counts.others.fetch_add(1, Relaxed);
             if ft.is_symlink() {
-                NodeKind::Symlink {
-                    target: std::fs::read_link(path)
-                        .at(path)?
-                        .into_os_string()
-                        .into_vec(),
-                }
+                NodeKind::Symlink { target: std::fs::read_link(path).at(path)?.into_os_string().into_vec() }
             } else if ft.is_char_device() {
                 NodeKind::CharDevice { rdev: meta.rdev() }
             } else if ft.is_block_device() {
@@ -249,13 +235,8 @@ impl Walker<'_> {
     /// Chunk a file: data ranges (from SEEK_DATA/SEEK_HOLE) are chunked, holes stay holes.
     fn chunk_file(&self, file: &File, meta: &Metadata, path: &Path) -> Result<Vec<Extent>> {
         let size = meta.size();
-        let maybe_sparse =
-            meta.blocks() * 512 < size || matches!(self.chunker, Chunker::Fixed { .. });
-        let ranges = if maybe_sparse {
-            data_ranges(file, size).at(path)?
-        } else {
-            vec![0..size]
-        };
+        let maybe_sparse = meta.blocks() * 512 < size || matches!(self.chunker, Chunker::Fixed { .. });
+        let ranges = if maybe_sparse { data_ranges(file, size).at(path)? } else { vec![0..size] };
         let mut extents = Vec::new();
         let mut pos = 0;
         for range in ranges {
@@ -263,10 +244,7 @@ impl Walker<'_> {
                 // Fixed chunks sit on a grid of the chunk size so equal pages line up across images.
                 Chunker::Fixed { size: cs } => {
                     let cs = cs as u64;
-                    (
-                        (range.start / cs * cs).max(pos),
-                        range.end.div_ceil(cs).saturating_mul(cs).min(size),
-                    )
+                    ((range.start / cs * cs).max(pos), range.end.div_ceil(cs).saturating_mul(cs).min(size))
                 }
                 Chunker::Cdc { .. } => (range.start, range.end),
             };
@@ -274,36 +252,18 @@ impl Walker<'_> {
                 continue;
             }
             if start > pos {
-                push_extent(
-                    &mut extents,
-                    Extent {
-                        chunk: None,
-                        len: start - pos,
-                    },
-                );
+                push_extent(&mut extents, Extent { chunk: None, len: start - pos });
             }
             self.chunk_range(file, start, end, &mut extents).at(path)?;
             pos = end;
         }
         if size > pos {
-            push_extent(
-                &mut extents,
-                Extent {
-                    chunk: None,
-                    len: size - pos,
-                },
-            );
+            push_extent(&mut extents, Extent { chunk: None, len: size - pos });
         }
         Ok(extents)
     }
 
-    fn chunk_range(
-        &self,
-        file: &File,
-        start: u64,
-        end: u64,
-        out: &mut Vec<Extent>,
-    ) -> std::io::Result<()> {
+    fn chunk_range(&self, file: &File, start: u64, end: u64, out: &mut Vec<Extent>) -> std::io::Result<()> {
         let unit = match self.chunker {
             // A whole number of fixed chunks, so chunks stay on the grid.
             Chunker::Fixed { size } => (READ_BUF / size as usize).max(1) * size as usize,
@@ -315,10 +275,7 @@ impl Walker<'_> {
         let mut pos = start; // file offset of buf[carry]
         loop {
             if self.cancel.load(Relaxed) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "interrupted",
-                ));
+                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
             }
             let want = ((end - pos) as usize).min(buf.len() - carry);
             let got = read_full(file, &mut buf[carry..carry + want], pos)?;
@@ -329,10 +286,8 @@ impl Walker<'_> {
             let eof = pos >= end || got < want;
             let cuts = self.cuts(&buf[..filled], eof);
             let consumed = cuts.last().map(|c| c.end).unwrap_or(0);
-            let results: Vec<Result<Extent>> = cuts
-                .into_par_iter()
-                .map(|r| self.chunk(&buf[r.start..r.end]))
-                .collect();
+            let results: Vec<Result<Extent>> =
+                cuts.into_par_iter().map(|r| self.chunk(&buf[r.start..r.end])).collect();
             for r in results {
                 push_extent(out, r.map_err(std::io::Error::other)?);
             }
@@ -353,10 +308,9 @@ impl Walker<'_> {
                     .map(|c| c.offset..c.offset + c.length)
                     .collect()
             }
-            Chunker::Fixed { size } => (0..buf.len())
-                .step_by(size as usize)
-                .map(|s| s..(s + size as usize).min(buf.len()))
-                .collect(),
+            Chunker::Fixed { size } => {
+                (0..buf.len()).step_by(size as usize).map(|s| s..(s + size as usize).min(buf.len())).collect()
+            }
         };
         if !eof && cuts.len() > 1 {
             cuts.pop();
@@ -376,10 +330,7 @@ impl Walker<'_> {
             self.counts.new_bytes.fetch_add(len, Relaxed);
             self.packer.add(PackKind::Data, id, data)?;
         }
-        Ok(Extent {
-            chunk: Some(id),
-            len,
-        })
+        Ok(Extent { chunk: Some(id), len })
     }
 }
 
@@ -455,10 +406,7 @@ fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     let mut out = Vec::new();
     for name in names {
         match xattr::get(path, &name) {
-            Ok(Some(value)) => out.push(Xattr {
-                name: name.as_bytes().to_vec(),
-                value,
-            }),
+            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
             Ok(None) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(Error::io(path, e)),
