@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -35,6 +35,8 @@ const FILES_PER_BATCH: usize = 512;
 const GROUP_BYTES: u64 = 16 << 20;
 /// Batches in flight: fetching one while writing another.
 const BATCH_CONCURRENCY: usize = 4;
+/// Chunk batches of one big file in flight.
+const BATCHES_PER_FILE: usize = 4;
 /// Metadata packs up to this size are fetched whole before the walk.
 const META_PRELOAD_BUDGET: u64 = 512 << 20;
 /// Chunks fetched per batch within one file (bounds memory for huge files).
@@ -396,6 +398,31 @@ async fn write_file(state: &State<'_>, job: FileJob, fetched: Option<&HashMap<Ch
     }
 }
 
+async fn write_chunks(
+    state: &State<'_>,
+    job: &FileJob,
+    file: &std::fs::File,
+    batch: &[(u64, Extent)],
+    fetched: Option<&HashMap<ChunkId, Arc<Vec<u8>>>>,
+) -> Result<()> {
+    let ids: Vec<_> = batch.iter().filter_map(|(_, e)| e.chunk).collect();
+    let data = match fetched {
+        Some(f) if ids.iter().all(|id| f.contains_key(id)) => std::borrow::Cow::Borrowed(f),
+        _ => std::borrow::Cow::Owned(state.repo.read_chunks(&ids).await?),
+    };
+    for (off, e) in batch {
+        let id = e.chunk.expect("only chunks are batched");
+        let bytes = &data[&id];
+        if bytes.len() as u64 != e.len {
+            return Err(Error::corrupt(format!("chunk {id}"), "length differs from its extent"));
+        }
+        file.write_all_at(bytes, *off).at(&job.rel)?;
+        state.bytes.fetch_add(bytes.len() as u64, Relaxed);
+        state.progress.bytes_written(bytes.len() as u64);
+    }
+    Ok(())
+}
+
 async fn write_content(
     state: &State<'_>,
     job: &FileJob,
@@ -412,31 +439,16 @@ async fn write_content(
         offset += e.len;
     }
     let chunks: Vec<(u64, Extent)> = placed.into_iter().filter(|(_, e)| e.chunk.is_some()).collect();
-    for batch in chunks.chunks(CHUNK_BATCH) {
-        let ids: Vec<_> = batch.iter().filter_map(|(_, e)| e.chunk).collect();
-        let data = match fetched {
-            Some(f) if ids.iter().all(|id| f.contains_key(id)) => std::borrow::Cow::Borrowed(f),
-            _ => std::borrow::Cow::Owned(state.repo.read_chunks(&ids).await?),
-        };
-        for (off, e) in batch {
-            let bytes = &data[&e.chunk.expect("filtered to chunks")];
-            if bytes.len() as u64 != e.len {
-                return Err(Error::corrupt(
-                    format!("chunk {}", e.chunk.expect("a chunk")),
-                    "length differs from its extent",
-                ));
-            }
-            file.write_all_at(bytes, *off).at(&job.rel)?;
-            state.bytes.fetch_add(bytes.len() as u64, Relaxed);
-            state.progress.bytes_written(bytes.len() as u64);
-        }
-    }
+    // Batches of a big file are fetched and written concurrently; pwrite needs no order.
+    futures::stream::iter(chunks.chunks(CHUNK_BATCH))
+        .map(|batch| write_chunks(state, job, &file, batch, fetched))
+        .buffer_unordered(BATCHES_PER_FILE)
+        .try_collect::<()>()
+        .await?;
     // Extending, not writing, the tail keeps trailing holes as holes.
     file.set_len(*size).at(&job.rel)?;
     drop(file);
-    if clear_name(&*job.dir, &job.name, false).at(&job.rel)? {
-        unreachable!("clear_name refuses directories for files");
-    }
+    clear_name(&*job.dir, &job.name, false).at(&job.rel)?;
     sys::rename(&*job.dir, tmp, &job.name).at(&job.rel)?;
     apply_meta(state, &*job.dir, &job.name, &job.node).at(&job.rel)
 }

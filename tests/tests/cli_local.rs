@@ -113,7 +113,9 @@ fn settle(_root: &Path) -> std::time::Duration {
 
 #[test]
 fn memory_image_holes_are_never_stored_and_restore_sparse() {
-    let (tmp, repo) = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init", "--memory-chunk", "65536"]);
     let img = tmp.path().join("mem.raw");
     let f = std::fs::File::create(&img).unwrap();
     use std::os::unix::fs::FileExt;

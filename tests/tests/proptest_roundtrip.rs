@@ -142,8 +142,9 @@ proptest! {
             let first = cairn_store::push::push(&repo, &opts(&img, Kind::Memory), &NoProgress, &cancel).await.unwrap();
             write(&changed);
             let second = cairn_store::push::push(&repo, &opts(&img, Kind::Memory), &NoProgress, &cancel).await.unwrap();
-            // Only chunks touched by the change can be new (64 KiB chunks hold 16 pages).
-            let touched: std::collections::BTreeSet<u64> = changed.keys().map(|p| p / 16).collect();
+            // Only chunks touched by the change can be new.
+            let pages_per_chunk = Chunking::default().memory as u64 / 4096;
+            let touched: std::collections::BTreeSet<u64> = changed.keys().map(|p| p / pages_per_chunk).collect();
             assert!(second.stats.new_chunks <= touched.len() as u64, "{:?} vs {touched:?}", second.stats);
             let snap = repo.load_snapshot(&second.snapshot).await.unwrap();
             let out = tmp.path().join("out");

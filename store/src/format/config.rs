@@ -19,7 +19,10 @@ pub struct Config {
     pub zstd_level: i32,
 }
 
-/// Chunk sizes. Chosen by measurement, see `docs/chunking.md`.
+/// Chunk sizes, chosen by measurement on real data (`docs/chunking.md`): 64 KiB average
+/// content-defined chunks for files (the least stored bytes of the sizes measured, and the
+/// least read amplification for lazy mounts), 256 KiB fixed chunks for memory images (stored
+/// bytes below restic's; smaller chunks dedup more but compress worse).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunking {
     pub fs_min: u32,
@@ -31,7 +34,7 @@ pub struct Chunking {
 
 impl Default for Chunking {
     fn default() -> Chunking {
-        Chunking { fs_min: 64 * 1024, fs_avg: 256 * 1024, fs_max: 1024 * 1024, memory: 64 * 1024 }
+        Chunking { fs_min: 16 * 1024, fs_avg: 64 * 1024, fs_max: 256 * 1024, memory: 256 * 1024 }
     }
 }
 

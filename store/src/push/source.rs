@@ -263,6 +263,8 @@ impl Walker<'_> {
         Ok(extents)
     }
 
+    /// Chunk `start..end` of a file. Two buffers: while the chunks of one are hashed and
+    /// compressed (in parallel), the next is read, so one big file keeps both cores busy.
     fn chunk_range(&self, file: &File, start: u64, end: u64, out: &mut Vec<Extent>) -> std::io::Result<()> {
         let unit = match self.chunker {
             // A whole number of fixed chunks, so chunks stay on the grid.
@@ -270,33 +272,60 @@ impl Walker<'_> {
             // Room for at least two maximal chunks, so a cut is never forced by the buffer.
             Chunker::Cdc { max, .. } => READ_BUF.max(2 * max as usize),
         };
-        let mut buf = vec![0u8; (end - start).min(unit as u64) as usize];
-        let mut carry = 0usize; // bytes at the start of buf left from the previous round
-        let mut pos = start; // file offset of buf[carry]
+        let len = (end - start).min(unit as u64) as usize;
+        let mut cur = vec![0u8; len];
+        let mut next: Vec<u8> = Vec::new();
+        let mut carry = 0usize; // bytes at the start of `cur` left from the previous round
+        let mut pos = start; // file offset just after what `cur` holds
+        let mut got = self.read(file, &mut cur[..len], pos)?;
+        pos += got as u64;
+        let mut want = len;
         loop {
             if self.cancel.load(Relaxed) {
                 return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
             }
-            let want = ((end - pos) as usize).min(buf.len() - carry);
-            let got = read_full(file, &mut buf[carry..carry + want], pos)?;
-            self.counts.bytes_read.fetch_add(got as u64, Relaxed);
-            self.progress.bytes_read(got as u64);
-            pos += got as u64;
             let filled = carry + got;
             let eof = pos >= end || got < want;
-            let cuts = self.cuts(&buf[..filled], eof);
-            let consumed = cuts.last().map(|c| c.end).unwrap_or(0);
-            let results: Vec<Result<Extent>> =
-                cuts.into_par_iter().map(|r| self.chunk(&buf[r.start..r.end])).collect();
-            for r in results {
-                push_extent(out, r.map_err(std::io::Error::other)?);
-            }
+            let cuts = self.cuts(&cur[..filled], eof);
             if eof {
-                return Ok(());
+                return self.chunk_all(&cur, cuts, out);
             }
-            buf.copy_within(consumed..filled, 0);
+            let consumed = cuts.last().map(|c| c.end).unwrap_or(0);
+            if next.is_empty() {
+                next = vec![0u8; len];
+            }
             carry = filled - consumed;
+            next[..carry].copy_from_slice(&cur[consumed..filled]);
+            want = ((end - pos) as usize).min(len - carry);
+            let (done, read) = rayon::join(
+                || self.chunk_all(&cur, cuts, out),
+                || self.read(file, &mut next[carry..carry + want], pos),
+            );
+            done?;
+            got = read?;
+            pos += got as u64;
+            std::mem::swap(&mut cur, &mut next);
         }
+    }
+
+    fn read(&self, file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let got = read_full(file, buf, offset)?;
+        self.counts.bytes_read.fetch_add(got as u64, Relaxed);
+        self.progress.bytes_read(got as u64);
+        Ok(got)
+    }
+
+    fn chunk_all(
+        &self,
+        buf: &[u8],
+        cuts: Vec<std::ops::Range<usize>>,
+        out: &mut Vec<Extent>,
+    ) -> std::io::Result<()> {
+        let results: Vec<Result<Extent>> = cuts.into_par_iter().map(|r| self.chunk(&buf[r])).collect();
+        for r in results {
+            push_extent(out, r.map_err(std::io::Error::other)?);
+        }
+        Ok(())
     }
 
     /// Chunk boundaries in `buf`. Unless at EOF, the last (possibly cut-short) chunk is left
