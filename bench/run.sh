@@ -12,6 +12,10 @@
 #                   are on the same disk as the data); a fresh temp dir is made and removed
 #   BENCH_GROUPS    dataset groups to run   (default: "fs mem")
 #   SKIP_RESTIC=1   do not run restic;  SKIP_BASELINES=1  do not run the physical baselines
+#
+# The fs group also runs the "in place" scenario: fs-v1 is copied to a work dir W and pushed,
+# then W is updated to fs-v2 with rsync and pushed again at the same path (parent picked by
+# the tool). Needs rsync (installed with apt-get when running as root).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,6 +51,19 @@ fi
 
 HAVE_RESTIC=0
 if [ "$SKIP_RESTIC" != 1 ] && command -v restic >/dev/null; then HAVE_RESTIC=1; fi
+
+HAVE_RSYNC=0 # for the in-place scenario of the fs group; without it that scenario is skipped
+case " $GROUPS_TO_RUN " in
+  *" fs "*)
+    if ! command -v rsync >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      log "rsync missing: installing the 'rsync' package (for the in-place scenario)"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q rsync >/dev/null \
+        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q rsync >/dev/null; } \
+        || log "warning: could not install rsync; the in-place scenario will be skipped"
+    fi
+    if command -v rsync >/dev/null; then HAVE_RSYNC=1
+    else log "warning: rsync not found; the in-place scenario will be skipped"; fi ;;
+esac
 
 datasets_missing() {
   local m=()
@@ -150,6 +167,34 @@ print(sid)
 EOF
 }
 
+cairn_push_json() { # cairn_push_json FILE KEY : record fields of `cairn push --json` output
+  [ -s "$1" ] || return 0
+  python3 - "$1" "$2" >>"$RES" <<'EOF' || true
+import json, sys
+d = json.load(open(sys.argv[1])); k = sys.argv[2]
+s = d.get('stats', {})
+for f in ('bytes', 'bytes_read', 'files', 'new_chunks', 'new_bytes', 'stored_bytes'):
+    if f in s: print(f"{k}.json.{f}\t{s[f]}")
+for f in ('snapshot', 'files_unchanged', 'packs', 'seconds', 'parent'):
+    if f in d: print(f"{k}.json.{f}\t{d[f]}")
+EOF
+}
+
+restic_push_json() { # restic_push_json FILE KEY : record the summary of `restic backup --json`
+  [ -s "$1" ] || return 0
+  python3 - "$1" "$2" >>"$RES" <<'EOF' || true
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if d.get('message_type') == 'summary':
+        for f in ('data_added', 'files_new', 'files_changed', 'files_unmodified', 'total_duration', 'snapshot_id'):
+            if f in d: print(f"{sys.argv[2]}.json.{f}\t{d[f]}")
+EOF
+}
+
 du_bytes() { if [ -e "$1" ]; then du -sb "$1" | cut -f1; else echo 0; fi; }
 logical_bytes() { du -sb --apparent-size "$1" | cut -f1; }
 tree_summary() { # "F files, B bytes, L symlinks, D dirs" for a file or a directory
@@ -237,18 +282,7 @@ cairn_group() { # cairn_group GROUP V1 V2 KIND
   else
     skip "$k.push2" "first push failed or printed no snapshot id"
   fi
-  for step in push1 push2; do # details from the push JSON
-    [ -s "$LOG/$k.$step.out" ] || continue
-    python3 - "$LOG/$k.$step.out" "$k.$step" >>"$RES" <<'EOF' || true
-import json, sys
-d = json.load(open(sys.argv[1])); k = sys.argv[2]
-s = d.get('stats', {})
-for f in ('bytes', 'bytes_read', 'files', 'new_chunks', 'new_bytes', 'stored_bytes'):
-    if f in s: print(f"{k}.json.{f}\t{s[f]}")
-for f in ('files_unchanged', 'packs', 'seconds', 'parent'):
-    if f in d: print(f"{k}.json.{f}\t{d[f]}")
-EOF
-  done
+  for step in push1 push2; do cairn_push_json "$LOG/$k.$step.out" "$k.$step"; done # details from the push JSON
   if [ -n "$id2" ]; then
     mkdir -p "$target"
     if measure "$k.restore" "${cairn[@]}" restore "$id2" "$target"; then
@@ -293,20 +327,7 @@ restic_group() { # restic_group GROUP V1 V2
   else
     skip "$k.push2" "first backup failed or printed no snapshot id"
   fi
-  for step in push1 push2; do
-    [ -s "$LOG/$k.$step.out" ] || continue
-    python3 - "$LOG/$k.$step.out" "$k.$step" >>"$RES" <<'EOF' || true
-import json, sys
-for line in open(sys.argv[1]):
-    try:
-        d = json.loads(line)
-    except ValueError:
-        continue
-    if d.get('message_type') == 'summary':
-        for f in ('data_added', 'files_new', 'files_changed', 'files_unmodified', 'total_duration', 'snapshot_id'):
-            if f in d: print(f"{sys.argv[2]}.json.{f}\t{d[f]}")
-EOF
-  done
+  for step in push1 push2; do restic_push_json "$LOG/$k.$step.out" "$k.$step"; done
   if [ -n "$id2" ]; then
     mkdir -p "$target"
     if measure "$k.restore" "${restic[@]}" restore "$id2" --target "$target"; then
@@ -318,6 +339,89 @@ EOF
   fi
   rec "$k.cache_bytes" "$(du_bytes "$cache")"
   rm -rf -- "$repo" "$cache"; sync
+}
+
+# ---------------------------------------------------------------- in-place incremental push (fs)
+tree_equal() { # tree_equal KEY EXPECTED DIR : `diff -rq --no-dereference` (contents and symlink
+  # targets; special files of the same type count as equal), recorded as KEY.verify
+  local key=$1 a=$2 b=$3 out rc=0
+  out=$(diff -rq --no-dereference "$a" "$b" 2>&1) || rc=$?
+  out=$(printf '%s\n' "$out" | grep -vE '^File .* is a (fifo|socket|character special file|block special file) while file .* is a \1$' | sed '/^$/d' || true)
+  if [ "$rc" -le 1 ] && [ -z "$out" ]; then rec "$key.verify" "ok (diff -rq --no-dereference: no differences)"
+  else
+    rec "$key.verify" "MISMATCH: $(printf '%s\n' "$out" | wc -l) diff line(s), diff exit $rc; first: $(printf '%s\n' "$out" | head -n 3)"
+    FAILED=$((FAILED + 1))
+  fi
+}
+
+inplace() { # inplace TOOL : W = cp -a fs-v1; push W; rsync -a --delete fs-v2/ W/; push W again (measured)
+  local tool=$1 k="$1.fs.inplace" v1="$BENCHDATA/fs-v1" v2="$BENCHDATA/fs-v2"
+  local W="$WORK/inplace-$tool" repo="$WORK/inplace-$tool-repo" cache="$WORK/inplace-$tool-cache"
+  local -a push
+  local id1="" par="" step
+  if [ "$tool" = cairn ]; then
+    local -a cairn=(env "CAIRN_REPO=$repo" "CAIRN_CACHE_DIR=$cache" "$CAIRN")
+    if ! "${cairn[@]}" init >"$LOG/$k.init.out" 2>&1; then
+      rec "$k.init.error" "$(tail -n 5 "$LOG/$k.init.out")"; FAILED=$((FAILED + 1))
+      skip "$k.push1" "cairn init failed"; skip "$k.push2" "cairn init failed"; return
+    fi
+    push=("${cairn[@]}" push "$W" --kind fs --json) # --parent auto (the default)
+  else
+    local -a restic=(restic -r "$repo" --cache-dir "$cache")
+    if ! "${restic[@]}" init >"$LOG/$k.init.out" 2>&1; then
+      rec "$k.init.error" "$(tail -n 5 "$LOG/$k.init.out")"; FAILED=$((FAILED + 1))
+      skip "$k.push1" "restic init failed"; skip "$k.push2" "restic init failed"; return
+    fi
+    push=("${restic[@]}" backup --json "$W") # parent: latest snapshot of the same host and path
+  fi
+  rec "$k.workdir" "$W"
+  log "setup $k: cp -a $v1 $W"
+  if ! cp -a "$v1" "$W" 2>"$LOG/$k.cp.err"; then
+    rec "$k.setup.error" "cp -a: $(tail -n 3 "$LOG/$k.cp.err")"; FAILED=$((FAILED + 1))
+    skip "$k.push1" "cp -a of fs-v1 failed"; skip "$k.push2" "cp -a of fs-v1 failed"
+    rm -rf -- "$W" "$repo" "$cache"; sync; return
+  fi
+  sync; warm "$W"
+  sleep 1.2 # cairn does not trust the change cache for files whose ctime is within 1 s of the push
+  if measure "$k.push1" "${push[@]}"; then
+    if [ "$tool" = cairn ]; then id1=$(jget "$LOG/$k.push1.out" snapshot || true)
+    else id1=$(restic_snapshot_id "$LOG/$k.push1.out" || true); fi
+  fi
+  rec "$k.push1.stored" "$(du_bytes "$repo")"
+  if [ -z "$id1" ]; then
+    skip "$k.push2" "first push failed or printed no snapshot id"
+  else
+    log "setup $k: rsync -a --delete $v2/ $W/"
+    if ! rsync -a --delete "$v2/" "$W/" 2>"$LOG/$k.rsync.err"; then
+      rec "$k.setup.error" "rsync: $(tail -n 3 "$LOG/$k.rsync.err")"; FAILED=$((FAILED + 1))
+      skip "$k.push2" "rsync of fs-v2 over the work dir failed"
+    else
+      sync; warm "$W"
+      sleep 1.2
+      if measure "$k.push2" "${push[@]}"; then
+        if [ "$tool" = cairn ]; then
+          par=$(jget "$LOG/$k.push2.out" parent || true); [ "$par" != None ] || par=""
+        else # restic's summary has no parent: read it from the newest snapshot
+          par=$("${restic[@]}" snapshots --json 2>/dev/null | python3 -c '
+import json, sys
+s = sorted(json.load(sys.stdin), key=lambda x: x["time"])
+print(s[-1].get("parent", "") if s else "")' || true)
+        fi
+        rec "$k.push2.parent" "${par:-none}"
+        if [ -n "$par" ] && { [ "$par" = "$id1" ] || [ "${id1#"$par"}" != "$id1" ] || [ "${par#"$id1"}" != "$par" ]; }; then
+          rec "$k.push2.parent_is_push1" yes
+        else rec "$k.push2.parent_is_push1" no; fi
+      fi
+      rec "$k.push2.stored" "$(du_bytes "$repo")"
+      tree_equal "$k.tree" "$v2" "$W"
+    fi
+  fi
+  for step in push1 push2; do
+    if [ "$tool" = cairn ]; then cairn_push_json "$LOG/$k.$step.out" "$k.$step"
+    else restic_push_json "$LOG/$k.$step.out" "$k.$step"; fi
+  done
+  rec "$k.cache_bytes" "$(du_bytes "$cache")"
+  rm -rf -- "$W" "$repo" "$cache"; sync
 }
 
 # ---------------------------------------------------------------- physical baselines
@@ -350,6 +454,15 @@ for g in $GROUPS_TO_RUN; do
   if [ "$HAVE_RESTIC" = 1 ]; then
     warm "$v1"; warm "$v2"
     restic_group "$g" "$v1" "$v2"
+  fi
+  if [ "$g" = fs ]; then # in place: one directory updated from fs-v1 to fs-v2, pushed twice
+    if [ "$HAVE_RSYNC" = 1 ]; then
+      warm "$v1"; warm "$v2"
+      inplace cairn
+      if [ "$HAVE_RESTIC" = 1 ]; then warm "$v1"; warm "$v2"; inplace restic; fi
+    else
+      rec fs.inplace.skipped "rsync not available"
+    fi
   fi
   if [ "$SKIP_BASELINES" != 1 ]; then
     for ds in "$v1" "$v2"; do warm "$ds"; baselines "$(basename "$ds")"; done

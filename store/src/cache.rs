@@ -1,8 +1,8 @@
 //! The local cache: RocksDB under `$XDG_CACHE_HOME/cairn/<repository id>`.
 //!
-//! It holds only what can be rebuilt from the bucket — the chunk index (from index segments)
-//! and the file-change cache (a miss just means a file is read again) — so deleting the
-//! directory loses nothing.
+//! It holds only what can be rebuilt from the bucket — the chunk index (from index segments),
+//! copies of snapshot roots, and the file-change cache (a miss just means a file is read
+//! again) — so deleting the directory loses nothing.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ use crate::id::{ChunkId, Id, PackId};
 const CF_CHUNKS: &str = "chunks";
 const CF_SEGMENTS: &str = "segments";
 const CF_FILES: &str = "files";
+/// Snapshot roots are immutable and named by their hash: kept forever, checked on every use.
+const CF_SNAPSHOTS: &str = "snapshots";
 
 /// Where a chunk is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,8 +89,16 @@ impl LocalCache {
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(2);
         opts.set_max_total_wal_size(64 << 20);
-        let cfs =
-            [CF_CHUNKS, CF_SEGMENTS, CF_FILES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        opts.set_max_open_files(256);
+        // Small memtables: the cache must not be what pushes a backup job past its memory budget.
+        let cf_opts = || {
+            let mut o = Options::default();
+            o.set_write_buffer_size(8 << 20);
+            o.set_max_write_buffer_number(2);
+            o
+        };
+        let cfs = [CF_CHUNKS, CF_SEGMENTS, CF_FILES, CF_SNAPSHOTS]
+            .map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
         DB::open_cf_descriptors(&opts, dir, cfs)
     }
 
@@ -128,6 +138,15 @@ impl LocalCache {
         for cf in [CF_CHUNKS, CF_SEGMENTS] {
             self.db.delete_range_cf(self.cf(cf), &[0u8; 0][..], &[0xffu8; 33][..])?;
         }
+        Ok(())
+    }
+
+    pub fn snapshot_root(&self, id: &Id) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_SNAPSHOTS), id.0)?)
+    }
+
+    pub fn put_snapshot_root(&self, id: &Id, bytes: &[u8]) -> Result<()> {
+        self.db.put_cf(self.cf(CF_SNAPSHOTS), id.0, bytes)?;
         Ok(())
     }
 

@@ -378,9 +378,24 @@ impl Repository {
         Ok(ids)
     }
 
+    /// A snapshot root: from the local cache when it holds a copy whose hash still matches
+    /// (roots never change), else from the bucket. Listing snapshots so costs one LIST, not
+    /// one GET per snapshot.
     pub async fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
+        if let Some(bytes) = self.cache.snapshot_root(id)? {
+            if let Ok(snap) = Snapshot::decode(&bytes, id) {
+                return Ok(snap);
+            }
+        }
+        self.fetch_snapshot(id).await
+    }
+
+    /// A snapshot root read from the bucket itself (as `check` must), then cached.
+    pub async fn fetch_snapshot(&self, id: &Id) -> Result<Snapshot> {
         let bytes = self.get(&snapshot::object_name(id)).await?;
-        Snapshot::decode(&bytes, id)
+        let snap = Snapshot::decode(&bytes, id)?;
+        self.cache.put_snapshot_root(id, &bytes)?;
+        Ok(snap)
     }
 
     /// Every snapshot, oldest first. Fails on the first unreadable root, naming it.

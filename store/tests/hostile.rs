@@ -80,6 +80,13 @@ async fn repo_in(dir: &Path) -> Repository {
         .unwrap()
 }
 
+async fn restore_into(repo: &Repository, snap: &Snapshot, target: &Path) -> cairn_store::Result<()> {
+    let cancel = AtomicBool::new(false);
+    cairn_store::restore::restore(repo, snap, None, target, &cairn_store::restore::NoProgress, &cancel)
+        .await?;
+    Ok(())
+}
+
 fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = walk(dir);
     v.sort();
@@ -112,16 +119,7 @@ async fn escaping_names_are_refused_and_nothing_outside_is_touched() {
         let root = Id::of(&tree);
         let snap = commit(&repo, vec![tree], &[b"pwned"], root).await;
         let target = tmp.path().join("target");
-        let err = cairn_store::restore::restore(
-            &repo,
-            &snap,
-            None,
-            &target,
-            &cairn_store::restore::NoProgress,
-            &AtomicBool::new(false),
-        )
-        .await
-        .unwrap_err();
+        let err = restore_into(&repo, &snap, &target).await.unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("corrupt") && msg.contains("tree"), "{evil:?}: {msg}");
         assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"original");
@@ -143,16 +141,7 @@ async fn duplicate_names_cannot_smuggle_a_symlinked_parent() {
     ]);
     let root = Id::of(&tree);
     let snap = commit(&repo, vec![inner, tree], &[b"pwned"], root).await;
-    let err = cairn_store::restore::restore(
-        &repo,
-        &snap,
-        None,
-        &tmp.path().join("target"),
-        &cairn_store::restore::NoProgress,
-        &AtomicBool::new(false),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_into(&repo, &snap, &tmp.path().join("target")).await.unwrap_err();
     assert!(err.to_string().contains("not sorted"), "{err}");
     assert!(listing(&outside).is_empty());
 }
@@ -170,16 +159,7 @@ async fn an_existing_symlink_in_the_target_is_replaced_not_followed() {
     let tree = raw_tree(vec![node(b"etc", NodeKind::Dir { tree: Id::of(&inner) })]);
     let root = Id::of(&tree);
     let snap = commit(&repo, vec![inner, tree], &[b"root:x:0:0"], root).await;
-    cairn_store::restore::restore(
-        &repo,
-        &snap,
-        None,
-        &target,
-        &cairn_store::restore::NoProgress,
-        &AtomicBool::new(false),
-    )
-    .await
-    .unwrap();
+    restore_into(&repo, &snap, &target).await.unwrap();
     assert!(listing(&outside).is_empty(), "wrote through the symlink: {:?}", listing(&outside));
     assert!(!target.join("etc").is_symlink());
     assert_eq!(std::fs::read(target.join("etc/passwd")).unwrap(), b"root:x:0:0");
@@ -196,15 +176,6 @@ async fn content_that_does_not_add_up_is_refused() {
     let tree = raw_tree(vec![bad]);
     let root = Id::of(&tree);
     let snap = commit(&repo, vec![tree], &[b"abc"], root).await;
-    let err = cairn_store::restore::restore(
-        &repo,
-        &snap,
-        None,
-        &tmp.path().join("t"),
-        &cairn_store::restore::NoProgress,
-        &AtomicBool::new(false),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_into(&repo, &snap, &tmp.path().join("t")).await.unwrap_err();
     assert!(err.to_string().contains("does not add up"), "{err}");
 }

@@ -137,7 +137,7 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     let mut clean = HashSet::new();
     for id in repo.snapshot_ids().await? {
         report.snapshots += 1;
-        let snap = match repo.load_snapshot(&id).await {
+        let snap = match repo.fetch_snapshot(&id).await {
             Ok(s) => s,
             Err(e) => {
                 report.damage.push(Damage {
