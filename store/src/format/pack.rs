@@ -201,13 +201,28 @@ pub fn open_chunk(entry: &PackEntry, stored: &[u8], object: &str) -> Result<Vec<
     }
     let raw = match entry.codec {
         Codec::Raw => stored.to_vec(),
-        Codec::Zstd => zstd::bulk::decompress(stored, entry.raw_len as usize)
+        Codec::Zstd => decompress(stored, entry.raw_len as usize)
             .map_err(|e| Error::corrupt(object, format!("chunk {}: zstd: {e}", entry.id)))?,
     };
     if raw.len() != entry.raw_len as usize || Id::of(&raw) != entry.id {
         return Err(Error::corrupt(object, format!("chunk {} fails its BLAKE3 check", entry.id)));
     }
     Ok(raw)
+}
+
+/// Decompress with one reused context per thread (a new one per chunk costs ~1% of a restore).
+fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("set above").decompress(stored, capacity)
+    })
 }
 
 /// Compress a chunk unless that does not pay.
