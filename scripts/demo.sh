@@ -13,5 +13,5 @@ export CAIRN_REPO=${CAIRN_REPO:-$PWD/demo-repo}
 $CAIRN push "$SRC" --tag demo=1
 $CAIRN push "$SRC" --tag demo=2
 $CAIRN snapshots
-$CAIRN ls latest:/ | head -n 20
+$CAIRN ls latest:/
 $CAIRN stats

@@ -143,6 +143,14 @@ fn main() -> ExitCode {
                 eprintln!("interrupted: nothing was committed");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
+            // `cairn ls … | head` closing the pipe early is not an error.
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_ERROR)
         }

@@ -244,3 +244,16 @@ fn merged_count(ranges: &[Range<u64>]) -> u64 {
     }
     count
 }
+
+#[cfg(test)]
+mod tests {
+    use super::merged_count;
+
+    #[test]
+    fn neighbouring_ranges_count_as_one_request() {
+        assert_eq!(merged_count(&[]), 0);
+        assert_eq!(merged_count(&[0..10, 10..20, 30..40]), 1);
+        assert_eq!(merged_count(&[0..10, (10 + (2 << 20))..(20 + (2 << 20))]), 2);
+        assert_eq!(merged_count(&[(5 << 20)..(6 << 20), 0..10]), 2);
+    }
+}

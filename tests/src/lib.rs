@@ -75,6 +75,20 @@ impl Repo {
     }
 }
 
+/// A port no other test of this process was given: tests run in parallel threads, and a port
+/// the kernel calls free can be handed out twice between `bind` and the server's own bind.
+fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
 /// A moto S3 server on a free port of 127.0.0.1, killed on drop.
 pub struct Moto {
     child: Child,
@@ -83,8 +97,8 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("moto_server")
+        let port = free_port();
+        let mut child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -93,8 +107,12 @@ impl Moto {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+            assert!(child.try_wait().unwrap().is_none(), "moto_server exited (port {port} taken?)");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The port answers: make sure it is our server, not one that raced us to the port.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(child.try_wait().unwrap().is_none(), "moto_server exited (port {port} taken?)");
         Moto { child, port }
     }
 
