@@ -202,9 +202,9 @@ pub struct Entry {
     pub target: Option<PathBuf>,
     pub digest: Option<[u8; 32]>,
     pub xattrs: BTreeMap<String, Vec<u8>>,
-    /// Index of the hard-link group (first path of the group), if linked.
+    /// The first path (in walk order) of this entry's hard-link group, if linked.
     pub link: Option<String>,
-    /// Allocated bytes, for files: holes must stay holes.
+    /// A file with fewer allocated blocks than its size (it has holes): holes must stay holes.
     pub blocks_small: bool,
 }
 
@@ -242,7 +242,7 @@ fn walk(
             }
         }
         let e = Entry {
-            kind: m.mode() & libc_s_ifmt(),
+            kind: m.mode() & S_IFMT,
             mode: m.mode() & 0o7777,
             uid: m.uid(),
             gid: m.gid(),
@@ -264,9 +264,8 @@ fn walk(
     }
 }
 
-fn libc_s_ifmt() -> u32 {
-    0o170000
-}
+/// The file-type bits of `st_mode`.
+const S_IFMT: u32 = 0o170000;
 
 /// Assert two trees are equal entry by entry, naming the first difference.
 pub fn assert_same_tree(a: &Path, b: &Path) {
