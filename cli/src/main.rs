@@ -2,6 +2,7 @@
 //! function of `cairn-store` (or `cairn-fuse`, `cairn-gc`) and prints the result, as text
 //! for people or as JSON with `--json`.
 
+mod mount_cmd;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -108,12 +109,22 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
+    /// Mount a snapshot read-only and lazily; runs in the foreground until unmounted
+    /// (Ctrl-C, SIGTERM or `cairn umount`).
+    Mount(mount_cmd::MountArgs),
+    /// Unmount a cairn mount, also when its daemon died (stale mount).
+    Umount { mountpoint: PathBuf },
+    /// The host-wide chunk cache shared by all mounts.
+    Cache {
+        #[command(subcommand)]
+        command: mount_cmd::CacheCommand,
+    },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fuser=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -450,6 +461,14 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 return Ok(EXIT_DAMAGE);
             }
         }
+        Command::Mount(args) => {
+            let repo = open(&cli).await?;
+            mount_cmd::mount(repo, &cache_root(&cli), args, cli.json, cancel).await?;
+        }
+        Command::Umount { mountpoint } => {
+            cairn_fuse::unmount(mountpoint)?;
+        }
+        Command::Cache { command } => mount_cmd::cache(&cache_root(&cli), command, cli.json)?,
     }
     Ok(0)
 }

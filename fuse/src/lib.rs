@@ -1,4 +1,21 @@
-//! Lazy FUSE mounts of Cairn snapshots (issue: "Lazy FUSE mount of snapshots").
+//! Lazy, read-only FUSE mounts of Cairn snapshots, over a host-wide chunk cache.
 //!
-//! Not built yet: this crate only fixes its place in the workspace (it depends on
-//! `cairn-store` alone). Nothing in the CLI calls it.
+//! Map of the crate:
+//! - [`mount`] — [`mount::mount`]: a snapshot on a mountpoint; background prefetch; unmount.
+//! - [`fs`] — [`fs::SnapshotFs`], the `fuser` filesystem: inodes on demand, answers from tasks.
+//! - [`fetch`] — [`fetch::Fetcher`]: memory → host cache → joined fetch → coalesced range reads.
+//! - [`cache`] — [`cache::ChunkCache`]: content-addressed files, hard byte cap, LRU in RocksDB.
+//! - [`stats`] — [`stats::MountStats`]: counters and read latency of one mount, as JSON.
+//!
+//! The mount depends on `cairn-store` only: it reads the format through
+//! [`cairn_store::Repository`] and verifies every chunk against its BLAKE3.
+
+pub mod cache;
+pub mod fetch;
+pub mod fs;
+pub mod mount;
+pub mod stats;
+
+pub use cache::{CacheConfig, ChunkCache};
+pub use mount::{mount, unmount, MountError, MountOptions, MountedSnapshot, PrefetchTrace};
+pub use stats::StatsReport;

@@ -418,6 +418,10 @@ impl Repository {
             let all = self.snapshots().await?;
             return all.into_iter().last().ok_or_else(|| Error::NotFound("any snapshot".into()));
         }
+        // A full id needs no listing: one GET (or none, from the cache) keeps mounts fast.
+        if let Ok(id) = spec.parse::<Id>() {
+            return Ok((id, self.load_snapshot(&id).await?));
+        }
         let spec_lc = spec.to_ascii_lowercase();
         if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::Usage(format!("{spec:?} is not a snapshot id (hex prefix) or `latest`")));

@@ -269,7 +269,19 @@ const S_IFMT: u32 = 0o170000;
 
 /// Assert two trees are equal entry by entry, naming the first difference.
 pub fn assert_same_tree(a: &Path, b: &Path) {
-    let (da, db) = (describe(a), describe(b));
+    assert_same_tree_with(a, b, true)
+}
+
+/// As [`assert_same_tree`]; `holes: false` skips the check that sparse files stay sparse
+/// (a mount reports allocated blocks from the logical size).
+pub fn assert_same_tree_with(a: &Path, b: &Path, holes: bool) {
+    let strip = |mut d: BTreeMap<String, Entry>| {
+        if !holes {
+            d.values_mut().for_each(|e| e.blocks_small = false);
+        }
+        d
+    };
+    let (da, db) = (strip(describe(a)), strip(describe(b)));
     let ka: Vec<_> = da.keys().collect();
     let kb: Vec<_> = db.keys().collect();
     assert_eq!(ka, kb, "different entries");
@@ -280,4 +292,160 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
     assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "root mode");
     assert_eq!(ma.mtime(), mb.mtime(), "root mtime");
+}
+
+/// Whether `dir` is a mountpoint now (per /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap_or("")))
+}
+
+/// A `cairn mount` daemon running in the foreground of a child process.
+pub struct MountProc {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub stats_file: PathBuf,
+}
+
+impl Repo {
+    /// Start `cairn mount SNAP DIR` and wait until the kernel lists the mount.
+    pub fn mount(&self, snapshot: &str, dir: &Path, extra: &[&str]) -> MountProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let stats_file = dir.with_extension("stats.json");
+        let mut args = vec!["mount", snapshot, dir.to_str().unwrap(), "--stats-file", stats_file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut child = self.cmd(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run cairn mount");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_mounted(dir) {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("cairn mount exited ({status}) before mounting:\n{err}");
+            }
+            assert!(Instant::now() < deadline, "mount of {} did not appear", dir.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        MountProc { child, dir: dir.to_path_buf(), stats_file }
+    }
+}
+
+impl MountProc {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The counters the daemon refreshes every second (waits for the first write).
+    pub fn stats(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&self.stats_file) {
+                if let Ok(v) = serde_json::from_str(&s) {
+                    return v;
+                }
+            }
+            assert!(Instant::now() < deadline, "no stats file from the mount");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM the daemon, wait for it, and return its exit status and stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "mount daemon ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (status, err)
+    }
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if is_mounted(&self.dir) {
+            let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(&self.dir).status();
+        }
+    }
+}
+
+/// A TCP relay to a server that a test can cut off and reconnect, to play an unreachable
+/// bucket without losing the server's state.
+pub struct Relay {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(target_port: u16) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (up2, live2) = (up.clone(), live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else { continue };
+                let mut l = live2.lock().unwrap();
+                l.push(client.try_clone().unwrap());
+                l.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, up, live }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for s in self.live.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// The workspace root (for scripts the tests run).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The real Debian root filesystem of scripts/testdata.sh (built on first use).
+pub fn debian_rootfs() -> PathBuf {
+    if let Ok(p) = std::env::var("CAIRN_TEST_ROOTFS") {
+        if Path::new(&format!("{p}.done")).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    let out = Command::new("bash")
+        .arg(workspace_root().join("scripts/testdata.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/testdata.sh");
+    assert!(out.status.success(), "scripts/testdata.sh could not build the Debian rootfs (see above)");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }

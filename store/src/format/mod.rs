@@ -6,6 +6,7 @@
 //! - `packs/<xx>/<pack id>` — [`pack`]: compressed chunks followed by their own chunk table.
 //! - `index/<segment id>` — [`index::IndexSegment`]: which pack holds which chunk; immutable.
 //! - `snapshots/<snapshot id>` — [`snapshot::Snapshot`], JSON: the only commit point of a push.
+//! - `traces/<snapshot id>` — [`trace::Trace`]: chunks a mount touched, in order; a prefetch hint.
 //!
 //! Metadata (directory pages, chunk lists) are chunks too, encoded by [`tree`] and kept in
 //! metadata packs apart from file data.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod index;
 pub mod pack;
 pub mod snapshot;
+pub mod trace;
 pub mod tree;
 
 use crate::error::{Error, Result};

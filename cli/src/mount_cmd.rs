@@ -1,0 +1,178 @@
+//! `cairn mount`, `cairn umount` and `cairn cache`: thin adapters over `cairn-fuse`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_fuse::{CacheConfig, ChunkCache, MountOptions, PrefetchTrace};
+use clap::{Args, Subcommand};
+
+/// Where the host-wide chunk cache lives and how big it may grow.
+#[derive(Args, Clone)]
+pub struct CacheArgs {
+    /// Hard cap on the host chunk cache (e.g. 8GiB).
+    #[arg(long, env = "CAIRN_CHUNK_CACHE_MAX", default_value = "8GiB")]
+    pub cache_max: bytesize::ByteSize,
+    /// Keep at least this much space free on the cache's filesystem (e.g. 1GiB).
+    #[arg(long, env = "CAIRN_CHUNK_CACHE_MIN_FREE", default_value = "1GiB")]
+    pub cache_min_free: bytesize::ByteSize,
+}
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// Snapshot id (or unique prefix, or `latest`).
+    pub snapshot: String,
+    pub mountpoint: PathBuf,
+    /// Let other users (sandbox users) in; permissions are still checked by the kernel.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Honour the snapshot's device nodes (needs root); off by default.
+    #[arg(long)]
+    pub dev: bool,
+    /// Honour setuid/setgid bits (needs root); off by default.
+    #[arg(long)]
+    pub suid: bool,
+    /// Write the chunks this mount touches, in order, to FILE at unmount.
+    #[arg(long, value_name = "FILE")]
+    pub record_trace: Option<PathBuf>,
+    /// Store the recorded trace with the snapshot at unmount; later mounts prefetch it.
+    #[arg(long)]
+    pub store_trace: bool,
+    /// Prefetch from this trace file instead of the one stored with the snapshot.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_prefetch")]
+    pub prefetch_trace: Option<PathBuf>,
+    /// Do not prefetch anything in the background (metadata or trace).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Bandwidth budget of background prefetch, per second (e.g. 100MiB).
+    #[arg(long, default_value = "200MiB")]
+    pub prefetch_rate: bytesize::ByteSize,
+    /// Refresh a JSON file with this mount's counters every second.
+    #[arg(long, value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Size, cap and owner of the host chunk cache.
+    Stats {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Delete every cached chunk (fails while a mount owns the cache).
+    Clear {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+pub fn open_cache(cache_root: &Path, args: &CacheArgs) -> Result<ChunkCache> {
+    let mut cfg = CacheConfig::new(cache_root.join("chunks"));
+    cfg.max_bytes = args.cache_max.as_u64();
+    cfg.min_free_bytes = args.cache_min_free.as_u64();
+    Ok(ChunkCache::open(cfg)?)
+}
+
+pub async fn mount(
+    repo: cairn_store::Repository,
+    cache_root: &Path,
+    args: &MountArgs,
+    json: bool,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let cache = Arc::new(open_cache(cache_root, &args.cache)?);
+    let (id, snap) = repo.resolve_snapshot(&args.snapshot).await?;
+    let opts = MountOptions {
+        allow_other: args.allow_other,
+        dev: args.dev,
+        suid: args.suid,
+        record_trace: args.record_trace.clone(),
+        store_trace: args.store_trace,
+        prefetch: match (&args.prefetch_trace, args.no_prefetch) {
+            (_, true) => PrefetchTrace::Off,
+            (Some(f), false) => PrefetchTrace::File(f.clone()),
+            (None, false) => PrefetchTrace::Stored,
+        },
+        prefetch_metadata: !args.no_prefetch,
+        prefetch_rate: args.prefetch_rate.as_u64(),
+        stats_file: args.stats_file.clone(),
+        ..MountOptions::default()
+    };
+    let mounted = cairn_fuse::mount(Arc::new(repo), cache, id, &snap, &args.mountpoint, opts)
+        .await
+        .with_context(|| format!("mounting snapshot {} on {}", id.short(), args.mountpoint.display()))?;
+    eprintln!("mounted snapshot {} on {} (Ctrl-C or `cairn umount` to stop)", id.short(), args.mountpoint.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if cancel.load(Ordering::SeqCst) || mounted.is_finished() {
+                    break;
+                }
+            }
+        }
+    }
+    if !mounted.is_finished() {
+        if let Err(e) = mounted.unmount() {
+            // Busy (a process still has files open): detach so the daemon can exit cleanly.
+            tracing::warn!("{e}; detaching lazily");
+            cairn_fuse::unmount(&args.mountpoint)?;
+        }
+    }
+    let report = mounted.finish().await?;
+    if json {
+        crate::print_json(&report)?;
+    } else {
+        eprintln!(
+            "unmounted {}: {} reads, {} served, {} fetched in {} range reads, {} cache hits, {} misses",
+            args.mountpoint.display(),
+            report.reads,
+            crate::bytes(report.read_bytes),
+            crate::bytes(report.fetched_bytes),
+            report.range_reads,
+            report.memory_hits + report.cache_hits,
+            report.misses
+        );
+    }
+    Ok(())
+}
+
+pub fn cache(cache_root: &Path, cmd: &CacheCommand, json: bool) -> Result<()> {
+    match cmd {
+        CacheCommand::Stats { cache } => {
+            let c = open_cache(cache_root, cache)?;
+            let s = c.stats();
+            if json {
+                crate::print_json(&s)?;
+            } else {
+                println!("cache dir   {}", s.dir.display());
+                if s.owner {
+                    println!("chunks      {}", s.chunks);
+                    println!("used        {} of {} cap", crate::bytes(s.used_bytes), crate::bytes(s.max_bytes));
+                } else {
+                    println!("used        unknown: a running mount owns the cache");
+                }
+                println!(
+                    "free space  {} (floor {})",
+                    crate::bytes(s.free_bytes),
+                    crate::bytes(s.min_free_bytes)
+                );
+            }
+        }
+        CacheCommand::Clear { cache } => {
+            let c = open_cache(cache_root, cache)?;
+            let freed = c.clear()?;
+            if json {
+                crate::print_json(&serde_json::json!({ "freed_bytes": freed }))?;
+            } else {
+                println!("cleared {} from {}", crate::bytes(freed), c.dir().display());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! [`ChunkCache`]: the host-wide, content-addressed chunk cache every mount reads through.
+//!
+//! Chunks are plain files named by their BLAKE3 under `data/xx/`, so any process can read
+//! them; bookkeeping (charge and recency of each chunk) lives in RocksDB and in memory. One
+//! process at a time owns the bookkeeping and fills and evicts; others on the host read the
+//! files it wrote and keep asking to become the owner (RocksDB allows one writer).
+//!
+//! The byte cap is a hard bound on what the files occupy: space is reserved (record first,
+//! file second) before a file is written, and a chunk that cannot fit after evicting least
+//! recently used ones is simply not cached. A crash leaves at worst a record without a file,
+//! which the next read drops. Every hit is verified against its id before it is served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cairn_store::ChunkId;
+use rocksdb::DB;
+use serde::Serialize;
+
+/// Filesystems allocate whole blocks; charging by block keeps `du` within the cap.
+const BLOCK: u64 = 4096;
+/// How often a process that does not own the bookkeeping tries to take it over.
+const OWNER_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Hard cap on the bytes the cached chunks occupy.
+    pub max_bytes: u64,
+    /// Never let the cache's filesystem fall below this much free space.
+    pub min_free_bytes: u64,
+}
+
+impl CacheConfig {
+    pub const DEFAULT_MAX: u64 = 8 << 30;
+    pub const DEFAULT_MIN_FREE: u64 = 1 << 30;
+
+    pub fn new(dir: PathBuf) -> CacheConfig {
+        CacheConfig { dir, max_bytes: Self::DEFAULT_MAX, min_free_bytes: Self::DEFAULT_MIN_FREE }
+    }
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum CacheError {
+    #[error("chunk cache {dir}: {source}")]
+    Io { dir: PathBuf, source: std::io::Error },
+    #[error("chunk cache {dir}: {source}")]
+    Db { dir: PathBuf, source: rocksdb::Error },
+    #[error("chunk cache {0} is in use by another cairn process (a running mount?)")]
+    Busy(PathBuf),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheStats {
+    pub dir: PathBuf,
+    /// Whether this process owns the bookkeeping (fills and evicts) or only reads.
+    pub owner: bool,
+    pub chunks: u64,
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+    pub min_free_bytes: u64,
+    pub free_bytes: u64,
+    pub evictions: u64,
+}
+
+struct Entry {
+    charge: u64,
+    seq: u64,
+    /// Space reserved, file being written: not servable, not evictable.
+    pending: bool,
+}
+
+struct Owned {
+    db: DB,
+    entries: HashMap<ChunkId, Entry>,
+    /// Recency order: the smallest sequence number is the least recently used chunk.
+    order: BTreeMap<u64, ChunkId>,
+    used: u64,
+    next_seq: u64,
+    evictions: u64,
+}
+
+pub struct ChunkCache {
+    cfg: CacheConfig,
+    owned: Mutex<Option<Owned>>,
+    last_owner_try: Mutex<Instant>,
+}
+
+impl ChunkCache {
+    /// Open the cache, owning its bookkeeping if no other process does.
+    pub fn open(cfg: CacheConfig) -> Result<ChunkCache, CacheError> {
+        let io = |e| CacheError::Io { dir: cfg.dir.clone(), source: e };
+        std::fs::create_dir_all(cfg.dir.join("data")).map_err(io)?;
+        let cache = ChunkCache { owned: Mutex::new(None), last_owner_try: Mutex::new(Instant::now()), cfg };
+        match cache.take_ownership() {
+            Ok(owned) => *cache.owned.lock().expect("cache lock") = Some(owned),
+            Err(CacheError::Busy(_)) => {
+                tracing::info!("chunk cache {} is owned by another process; reading it only", cache.dir().display())
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    fn take_ownership(&self) -> Result<Owned, CacheError> {
+        let dir = self.cfg.dir.clone();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_keep_log_file_num(2);
+        opts.set_write_buffer_size(4 << 20);
+        let db = match DB::open(&opts, dir.join("db")) {
+            Ok(db) => db,
+            Err(e) if e.to_string().to_lowercase().contains("lock") => return Err(CacheError::Busy(dir)),
+            Err(e) => return Err(CacheError::Db { dir, source: e }),
+        };
+        // Half-written files of a crashed owner: never accounted, so never kept.
+        let tmp = self.cfg.dir.join("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| CacheError::Io { dir: dir.clone(), source: e })?;
+        let mut owned = Owned {
+            db,
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            used: 0,
+            next_seq: 0,
+            evictions: 0,
+        };
+        let mut records = Vec::new();
+        for item in owned.db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| CacheError::Db { dir: dir.clone(), source: e })?;
+            if let (Ok(id), Some((charge, seq))) = (<[u8; 32]>::try_from(&k[..]), decode_record(&v)) {
+                records.push((cairn_store::Id(id), charge, seq));
+            }
+        }
+        records.sort_by_key(|r| r.2);
+        for (id, charge, _) in records {
+            // Renumber densely so sequence numbers stay small and unique.
+            let seq = owned.next_seq;
+            owned.next_seq += 1;
+            owned.used += charge;
+            owned.order.insert(seq, id);
+            owned.entries.insert(id, Entry { charge, seq, pending: false });
+        }
+        Ok(owned)
+    }
+
+    fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.cfg.dir.join("data").join(&hex[..2]).join(hex)
+    }
+
+    /// A cached chunk, verified. A damaged or vanished file is dropped and reported as a miss.
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let known = {
+            let mut guard = self.owned.lock().expect("cache lock");
+            match guard.as_mut() {
+                Some(o) => match o.entries.get_mut(id) {
+                    Some(e) if e.pending => return None,
+                    Some(e) => {
+                        o.order.remove(&e.seq);
+                        e.seq = o.next_seq;
+                        o.next_seq += 1;
+                        o.order.insert(e.seq, *id);
+                        Some(true)
+                    }
+                    None => return None,
+                },
+                None => None,
+            }
+        };
+        let bytes = match std::fs::read(self.path_of(id)) {
+            Ok(b) => b,
+            Err(_) => {
+                if known.is_some() {
+                    self.forget(id);
+                }
+                return None;
+            }
+        };
+        if ChunkId::of(&bytes) != *id {
+            tracing::error!("chunk cache: {} is damaged on disk; dropping it", id);
+            if known.is_some() {
+                self.forget(id);
+                let _ = std::fs::remove_file(self.path_of(id));
+            }
+            return None;
+        }
+        Some(bytes)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        match self.owned.lock().expect("cache lock").as_ref() {
+            Some(o) => o.entries.get(id).is_some_and(|e| !e.pending),
+            None => self.path_of(id).exists(),
+        }
+    }
+
+    /// Cache a verified chunk if it fits under the cap and above the free-space floor.
+    pub fn insert(&self, id: &ChunkId, bytes: &[u8]) {
+        let charge = (bytes.len() as u64).div_ceil(BLOCK).max(1) * BLOCK;
+        if charge > self.cfg.max_bytes {
+            return;
+        }
+        let mut guard = self.owned.lock().expect("cache lock");
+        if guard.is_none() {
+            self.retry_ownership(&mut guard);
+        }
+        let Some(o) = guard.as_mut() else { return };
+        if o.entries.contains_key(id) {
+            return;
+        }
+        while o.used + charge > self.cfg.max_bytes && self.evict_one(o) {}
+        while self.free_bytes().saturating_sub(charge) < self.cfg.min_free_bytes && self.evict_one(o) {}
+        if o.used + charge > self.cfg.max_bytes
+            || self.free_bytes().saturating_sub(charge) < self.cfg.min_free_bytes
+        {
+            return;
+        }
+        // Record first: a crash after this leaves a record without a file, never a file
+        // the cap does not count.
+        let seq = o.next_seq;
+        o.next_seq += 1;
+        if o.db.put(id.0, encode_record(charge, seq)).is_err() {
+            return;
+        }
+        o.used += charge;
+        o.entries.insert(*id, Entry { charge, seq, pending: true });
+        drop(guard);
+        let written = self.write_file(id, bytes);
+        let mut guard = self.owned.lock().expect("cache lock");
+        let Some(o) = guard.as_mut() else { return };
+        match written {
+            Ok(()) => {
+                if let Some(e) = o.entries.get_mut(id) {
+                    e.pending = false;
+                    o.order.insert(e.seq, *id);
+                }
+            }
+            Err(err) => {
+                tracing::warn!("chunk cache: writing {id}: {err}");
+                if let Some(e) = o.entries.remove(id) {
+                    o.used -= e.charge;
+                    let _ = o.db.delete(id.0);
+                }
+            }
+        }
+    }
+
+    fn write_file(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.path_of(id);
+        let parent = path.parent().expect("data/xx");
+        std::fs::create_dir_all(parent)?;
+        let tmp = self.cfg.dir.join("tmp").join(format!("{}.{}", id.to_hex(), std::process::id()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        drop(f);
+        std::fs::rename(&tmp, &path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    fn evict_one(&self, o: &mut Owned) -> bool {
+        let Some((_, victim)) = o.order.pop_first() else { return false };
+        if let Some(e) = o.entries.remove(&victim) {
+            let _ = std::fs::remove_file(self.path_of(&victim));
+            let _ = o.db.delete(victim.0);
+            o.used -= e.charge;
+            o.evictions += 1;
+        }
+        true
+    }
+
+    fn forget(&self, id: &ChunkId) {
+        if let Some(o) = self.owned.lock().expect("cache lock").as_mut() {
+            if o.entries.get(id).is_some_and(|e| e.pending) {
+                return;
+            }
+            if let Some(e) = o.entries.remove(id) {
+                o.order.remove(&e.seq);
+                o.used -= e.charge;
+                let _ = o.db.delete(id.0);
+            }
+        }
+    }
+
+    fn retry_ownership(&self, guard: &mut Option<Owned>) {
+        let mut last = self.last_owner_try.lock().expect("cache lock");
+        if last.elapsed() < OWNER_RETRY {
+            return;
+        }
+        *last = Instant::now();
+        if let Ok(owned) = self.take_ownership() {
+            tracing::info!("chunk cache {}: this process now owns it", self.dir().display());
+            *guard = Some(owned);
+        }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        nix::sys::statvfs::statvfs(&self.cfg.dir)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .unwrap_or(0)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let guard = self.owned.lock().expect("cache lock");
+        let (owner, chunks, used, evictions) = match guard.as_ref() {
+            Some(o) => (true, o.entries.len() as u64, o.used, o.evictions),
+            None => (false, 0, 0, 0),
+        };
+        CacheStats {
+            dir: self.cfg.dir.clone(),
+            owner,
+            chunks,
+            used_bytes: used,
+            max_bytes: self.cfg.max_bytes,
+            min_free_bytes: self.cfg.min_free_bytes,
+            free_bytes: self.free_bytes(),
+            evictions,
+        }
+    }
+
+    /// Drop every cached chunk. Only the owner may; a mount elsewhere keeps it busy.
+    pub fn clear(&self) -> Result<u64, CacheError> {
+        let mut guard = self.owned.lock().expect("cache lock");
+        let Some(o) = guard.as_mut() else { return Err(CacheError::Busy(self.cfg.dir.clone())) };
+        let mut freed = 0;
+        while let Some((_, id)) = o.order.first_key_value().map(|(s, id)| (*s, *id)) {
+            freed += o.entries.get(&id).map_or(0, |e| e.charge);
+            self.evict_one(o);
+        }
+        o.evictions = 0;
+        Ok(freed)
+    }
+}
+
+fn encode_record(charge: u64, seq: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&charge.to_le_bytes());
+    v[8..].copy_from_slice(&seq.to_le_bytes());
+    v
+}
+
+fn decode_record(v: &[u8]) -> Option<(u64, u64)> {
+    let v: &[u8; 16] = v.try_into().ok()?;
+    let charge = u64::from_le_bytes(v[..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(v[8..].try_into().ok()?);
+    Some((charge, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk_usage(dir: &Path) -> u64 {
+        let mut total = 0;
+        for sub in std::fs::read_dir(dir.join("data")).unwrap() {
+            for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+                total += f.unwrap().metadata().unwrap().len().div_ceil(BLOCK) * BLOCK;
+            }
+        }
+        total
+    }
+
+    fn chunk(i: u32, len: usize) -> (ChunkId, Vec<u8>) {
+        let bytes: Vec<u8> = (0..len).map(|j| (i as usize * 31 + j) as u8).collect();
+        (ChunkId::of(&bytes), bytes)
+    }
+
+    #[test]
+    fn cap_is_never_overshot_and_lru_goes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig { dir: dir.path().join("c"), max_bytes: 256 << 10, min_free_bytes: 0 };
+        let cache = std::sync::Arc::new(ChunkCache::open(cfg.clone()).unwrap());
+        let (hot, hot_bytes) = chunk(9999, 10_000);
+        cache.insert(&hot, &hot_bytes);
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let cache = cache.clone();
+                let hot = hot;
+                s.spawn(move || {
+                    for i in 0..200u32 {
+                        let (id, bytes) = chunk(t * 1000 + i, 1000 + (i as usize * 997) % 40_000);
+                        cache.insert(&id, &bytes);
+                        assert!(cache.stats().used_bytes <= 256 << 10);
+                        // Touching the hot chunk keeps it the most recently used.
+                        let _ = cache.get(&hot);
+                    }
+                });
+            }
+        });
+        assert!(disk_usage(&cfg.dir) <= 256 << 10, "files occupy more than the cap");
+        assert!(cache.stats().evictions > 0);
+        assert_eq!(cache.get(&hot).as_deref(), Some(&hot_bytes[..]), "recently used chunk was evicted");
+        // Bookkeeping survives a restart and still matches the files.
+        drop(cache);
+        let cache = ChunkCache::open(cfg.clone()).unwrap();
+        let s = cache.stats();
+        assert!(s.used_bytes <= 256 << 10 && s.used_bytes == disk_usage(&cfg.dir), "{s:?}");
+        assert!(cache.contains(&hot));
+        cache.clear().unwrap();
+        assert_eq!(disk_usage(&cfg.dir), 0);
+    }
+
+    #[test]
+    fn damaged_file_is_a_miss_not_wrong_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(CacheConfig {
+            dir: dir.path().into(),
+            max_bytes: 1 << 20,
+            min_free_bytes: 0,
+        })
+        .unwrap();
+        let (id, bytes) = chunk(1, 5000);
+        cache.insert(&id, &bytes);
+        std::fs::write(cache.path_of(&id), b"not the chunk").unwrap();
+        assert_eq!(cache.get(&id), None);
+        assert!(!cache.contains(&id));
+        assert_eq!(cache.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn second_process_reads_but_does_not_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let owner = ChunkCache::open(cfg.clone()).unwrap();
+        let (id, bytes) = chunk(1, 5000);
+        owner.insert(&id, &bytes);
+        let reader = ChunkCache::open(cfg).unwrap();
+        assert!(!reader.stats().owner);
+        assert_eq!(reader.get(&id).as_deref(), Some(&bytes[..]));
+        let (id2, bytes2) = chunk(2, 5000);
+        reader.insert(&id2, &bytes2);
+        assert!(!owner.contains(&id2));
+        assert!(matches!(reader.clear(), Err(CacheError::Busy(_))));
+    }
+}

@@ -1,0 +1,456 @@
+//! [`Fetcher`]: every chunk a mount reads comes through here.
+//!
+//! Order of lookup: this mount's memory, the host chunk cache, a fetch already in flight
+//! (joined, never repeated), and only then the bucket. Misses are grouped by pack and merged
+//! into range reads of up to [`MAX_RANGE`] (neighbours closer than [`MAX_GAP`] are read
+//! through), so a 4 KiB read of a cold file costs one request for the file's next megabytes.
+//! Each chunk is verified against its BLAKE3 before anyone sees it; a bad one is an error for
+//! its readers and is never cached.
+//!
+//! On-demand reads have priority: background prefetch ([`Fetcher::prefetch`]) only starts a
+//! request while no on-demand fetch is in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_store::format::pack::{self, PackEntry};
+use cairn_store::{ChunkId, PackId, Repository};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStoreExt;
+
+use crate::cache::ChunkCache;
+use crate::stats::MountStats;
+
+/// Longest single range read.
+pub const MAX_RANGE: u64 = 4 << 20;
+/// Bytes between two wanted chunks that are cheaper to read through than to ask for twice.
+pub const MAX_GAP: u64 = 128 << 10;
+
+pub type Chunk = Arc<Vec<u8>>;
+
+/// Why a chunk could not be served; cloneable so every joined reader gets it.
+#[derive(Clone, Debug)]
+pub struct FetchError(pub Arc<str>);
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FetchError {
+    fn new(msg: impl std::fmt::Display) -> FetchError {
+        FetchError(msg.to_string().into())
+    }
+}
+
+type BatchResult = Arc<HashMap<ChunkId, Result<Chunk, FetchError>>>;
+type Batch = Shared<BoxFuture<'static, BatchResult>>;
+
+struct MemCache {
+    lru: lru::LruCache<ChunkId, Chunk>,
+    bytes: u64,
+    cap: u64,
+}
+
+impl MemCache {
+    fn get(&mut self, id: &ChunkId) -> Option<Chunk> {
+        self.lru.get(id).cloned()
+    }
+
+    fn put(&mut self, id: ChunkId, chunk: Chunk) {
+        let len = chunk.len() as u64;
+        if let Some(old) = self.lru.put(id, chunk) {
+            self.bytes -= old.len() as u64;
+        }
+        self.bytes += len;
+        while self.bytes > self.cap {
+            match self.lru.pop_lru() {
+                Some((_, c)) => self.bytes -= c.len() as u64,
+                None => break,
+            }
+        }
+    }
+}
+
+/// Chunks a mount touched, first touch first.
+#[derive(Default)]
+pub struct TraceRecorder {
+    seen: HashSet<ChunkId>,
+    pub order: Vec<ChunkId>,
+}
+
+pub struct Fetcher {
+    repo: Arc<Repository>,
+    cache: Arc<ChunkCache>,
+    mem: Mutex<MemCache>,
+    inflight: Mutex<HashMap<ChunkId, Batch>>,
+    stats: Arc<MountStats>,
+    trace: Mutex<Option<TraceRecorder>>,
+    demand_active: AtomicUsize,
+}
+
+impl Fetcher {
+    pub fn new(
+        repo: Arc<Repository>,
+        cache: Arc<ChunkCache>,
+        stats: Arc<MountStats>,
+        mem_bytes: u64,
+        record_trace: bool,
+    ) -> Fetcher {
+        Fetcher {
+            repo,
+            cache,
+            mem: Mutex::new(MemCache { lru: lru::LruCache::unbounded(), bytes: 0, cap: mem_bytes }),
+            inflight: Mutex::new(HashMap::new()),
+            stats,
+            trace: Mutex::new(record_trace.then(TraceRecorder::default)),
+            demand_active: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    pub fn take_trace(&self) -> Option<Vec<ChunkId>> {
+        self.trace.lock().expect("trace lock").take().map(|t| t.order)
+    }
+
+    pub fn trace_snapshot(&self) -> Option<Vec<ChunkId>> {
+        self.trace.lock().expect("trace lock").as_ref().map(|t| t.order.clone())
+    }
+
+    pub async fn chunk(self: &Arc<Self>, id: ChunkId) -> Result<Chunk, FetchError> {
+        Ok(self.chunks(&[id], &[]).await?.pop().expect("one chunk asked, one returned"))
+    }
+
+    /// The `wanted` chunks, in order. `ahead` are chunks the caller will probably want next:
+    /// they ride along in the same range reads and are cached, but nobody waits for them.
+    pub async fn chunks(self: &Arc<Self>, wanted: &[ChunkId], ahead: &[ChunkId]) -> Result<Vec<Chunk>, FetchError> {
+        if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
+            for id in wanted {
+                if t.seen.insert(*id) {
+                    t.order.push(*id);
+                }
+            }
+        }
+        let mut found: HashMap<ChunkId, Chunk> = HashMap::with_capacity(wanted.len());
+        let mut missing = Vec::new();
+        for id in wanted {
+            if found.contains_key(id) || missing.contains(id) {
+                continue;
+            }
+            let in_memory = self.mem.lock().expect("mem lock").get(id);
+            if let Some(c) = in_memory {
+                MountStats::bump(&self.stats.memory_hits, 1);
+                found.insert(*id, c);
+            } else if let Some(bytes) = self.cache_get(id).await {
+                MountStats::bump(&self.stats.cache_hits, 1);
+                let c = Arc::new(bytes);
+                self.mem.lock().expect("mem lock").put(*id, c.clone());
+                found.insert(*id, c);
+            } else {
+                missing.push(*id);
+            }
+        }
+        if missing.is_empty() {
+            if !ahead.is_empty() {
+                self.start_ahead(ahead);
+            }
+            return Ok(wanted.iter().map(|id| found[id].clone()).collect());
+        }
+        let ahead: Vec<ChunkId> = ahead.iter().filter(|id| !self.cache.contains(id)).copied().collect();
+        self.demand_active.fetch_add(1, Ordering::SeqCst);
+        let batches = self.start(&missing, &ahead, true);
+        let mut results = Vec::new();
+        for batch in batches {
+            results.push(batch.await);
+        }
+        self.demand_active.fetch_sub(1, Ordering::SeqCst);
+        for id in &missing {
+            let r = results.iter().find_map(|r| r.get(id)).cloned();
+            match r {
+                Some(Ok(c)) => {
+                    found.insert(*id, c);
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(FetchError::new(format!("chunk {id} was not in the range read for it"))),
+            }
+        }
+        Ok(wanted.iter().map(|id| found[id].clone()).collect())
+    }
+
+    async fn cache_get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        if !self.cache.contains(id) {
+            return None;
+        }
+        let cache = self.cache.clone();
+        let id = *id;
+        tokio::task::spawn_blocking(move || cache.get(&id)).await.ok().flatten()
+    }
+
+    fn start_ahead(self: &Arc<Self>, ahead: &[ChunkId]) {
+        let todo: Vec<ChunkId> = {
+            let mut mem = self.mem.lock().expect("mem lock");
+            ahead.iter().filter(|id| mem.get(id).is_none() && !self.cache.contains(id)).copied().collect()
+        };
+        if !todo.is_empty() {
+            self.start(&[], &todo, false);
+        }
+    }
+
+    /// Register and spawn range reads for `missing` (and `ahead`) chunks not already in
+    /// flight; return the batches that will deliver every `missing` chunk. `demand` says
+    /// whether a reader waits (for the miss counters).
+    fn start(self: &Arc<Self>, missing: &[ChunkId], ahead: &[ChunkId], demand: bool) -> Vec<Batch> {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let mut waits: Vec<Batch> = Vec::new();
+        let mut to_fetch: Vec<ChunkId> = Vec::new();
+        let mut failed: HashMap<ChunkId, Result<Chunk, FetchError>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for (i, id) in missing.iter().chain(ahead).enumerate() {
+            let is_missing = i < missing.len();
+            if !seen.insert(*id) {
+                continue;
+            }
+            if let Some(b) = inflight.get(id) {
+                if is_missing {
+                    MountStats::bump(&self.stats.joined_fetches, 1);
+                    waits.push(b.clone());
+                }
+                continue;
+            }
+            // A batch may have finished between the caller's lookups and this lock.
+            if let Some(c) = self.mem.lock().expect("mem lock").get(id) {
+                if is_missing {
+                    failed.insert(*id, Ok(c));
+                }
+                continue;
+            }
+            if is_missing && demand {
+                MountStats::bump(&self.stats.misses, 1);
+            }
+            to_fetch.push(*id);
+        }
+        let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+        for id in &to_fetch {
+            match self.repo.locate(id) {
+                Ok(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
+                Err(e) if missing.contains(id) => {
+                    failed.insert(*id, Err(FetchError::new(e)));
+                }
+                Err(_) => {}
+            }
+        }
+        if !failed.is_empty() {
+            waits.push(futures::future::ready(Arc::new(failed)).boxed().shared());
+        }
+        for (pack_id, mut entries) in by_pack {
+            entries.sort_by_key(|e| e.offset);
+            for run in merge_ranges(entries) {
+                let ids: Vec<ChunkId> = run.iter().map(|e| e.id).collect();
+                let me = self.clone();
+                let task = tokio::spawn(async move { me.fetch_range(pack_id, run).await });
+                let batch: Batch = async move {
+                    task.await.unwrap_or_else(|e| {
+                        let err = FetchError::new(format!("range read task failed: {e}"));
+                        Arc::new(HashMap::from([(ChunkId::of(b""), Err(err))]))
+                    })
+                }
+                .boxed()
+                .shared();
+                let wanted_here = ids.iter().any(|id| missing.contains(id));
+                for id in ids {
+                    inflight.insert(id, batch.clone());
+                }
+                if wanted_here {
+                    waits.push(batch);
+                }
+            }
+        }
+        waits
+    }
+
+    async fn fetch_range(self: Arc<Self>, pack_id: PackId, run: Vec<PackEntry>) -> BatchResult {
+        let name = pack::object_name(&pack_id);
+        let start = run[0].offset as u64;
+        let end = run.iter().map(end_of).max().unwrap_or(start);
+        MountStats::bump(&self.stats.range_reads, 1);
+        let got = self.repo.store().get_range(&ObjectPath::from(name.as_str()), start..end).await;
+        let mut out: HashMap<ChunkId, Result<Chunk, FetchError>> = HashMap::with_capacity(run.len());
+        match got {
+            Err(e) => {
+                tracing::warn!("reading {name} [{start}..{end}): {e}");
+                let err = FetchError::new(format!("{name}: {e}"));
+                for entry in &run {
+                    out.insert(entry.id, Err(err.clone()));
+                }
+            }
+            Ok(bytes) => {
+                MountStats::bump(&self.stats.fetched_bytes, bytes.len() as u64);
+                let stats = self.stats.clone();
+                let opened = tokio::task::spawn_blocking(move || {
+                    run.iter()
+                        .map(|e| {
+                            let lo = (e.offset as u64 - start) as usize;
+                            let hi = lo + e.stored_len as usize;
+                            let stored = bytes.get(lo..hi).unwrap_or(&[]);
+                            let r = pack::open_chunk(e, stored, &name).map(Arc::new).map_err(|err| {
+                                MountStats::bump(&stats.bad_chunks, 1);
+                                tracing::error!("{err}");
+                                FetchError::new(err)
+                            });
+                            (e.id, r)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                let mut mem = self.mem.lock().expect("mem lock");
+                for (id, r) in opened {
+                    if let Ok(c) = &r {
+                        MountStats::bump(&self.stats.fetched_chunks, 1);
+                        mem.put(id, c.clone());
+                    }
+                    out.insert(id, r);
+                }
+            }
+        }
+        let out = Arc::new(out);
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            for id in out.keys() {
+                inflight.remove(id);
+            }
+        }
+        let cache = self.cache.clone();
+        let fill = out.clone();
+        tokio::task::spawn_blocking(move || {
+            for (id, r) in fill.iter() {
+                if let Ok(c) = r {
+                    cache.insert(id, c);
+                }
+            }
+        });
+        out
+    }
+
+    /// Fetch `ids` into the host cache below on-demand reads in priority. Returns the bytes
+    /// fetched from the bucket.
+    pub async fn prefetch(self: &Arc<Self>, ids: &[ChunkId]) -> u64 {
+        self.yield_to_demand().await;
+        let todo: Vec<ChunkId> = ids.iter().filter(|id| !self.cache.contains(id)).copied().collect();
+        if todo.is_empty() {
+            return 0;
+        }
+        let before = self.stats.fetched_bytes.load(Ordering::Relaxed);
+        let batches = self.start(&todo, &[], false);
+        let mut n = 0;
+        for b in batches {
+            n += b.await.values().filter(|r| r.is_ok()).count() as u64;
+        }
+        let bytes = self.stats.fetched_bytes.load(Ordering::Relaxed).saturating_sub(before);
+        MountStats::bump(&self.stats.prefetched_chunks, n);
+        MountStats::bump(&self.stats.prefetched_bytes, bytes);
+        bytes
+    }
+
+    /// Fetch a whole metadata pack into the host cache (one GET for many directories).
+    pub async fn prefetch_pack(self: &Arc<Self>, pack_id: PackId) -> Result<u64, FetchError> {
+        self.yield_to_demand().await;
+        let name = pack::object_name(&pack_id);
+        let bytes = self.repo.get(&name).await.map_err(FetchError::new)?;
+        let len = bytes.len() as u64;
+        MountStats::bump(&self.stats.fetched_bytes, len);
+        MountStats::bump(&self.stats.prefetched_bytes, len);
+        let cache = self.cache.clone();
+        let stats = self.stats.clone();
+        tokio::task::spawn_blocking(move || {
+            let (_, entries) = pack::decode_table_of(&bytes, &name).map_err(FetchError::new)?;
+            for e in entries {
+                if cache.contains(&e.id) {
+                    continue;
+                }
+                let stored = &bytes[e.offset as usize..end_of(&e) as usize];
+                match pack::open_chunk(&e, stored, &name) {
+                    Ok(raw) => {
+                        cache.insert(&e.id, &raw);
+                        MountStats::bump(&stats.prefetched_chunks, 1);
+                    }
+                    Err(err) => {
+                        MountStats::bump(&stats.bad_chunks, 1);
+                        tracing::error!("{err}");
+                    }
+                }
+            }
+            Ok(len)
+        })
+        .await
+        .map_err(|e| FetchError::new(format!("prefetch task failed: {e}")))?
+    }
+
+    async fn yield_to_demand(&self) {
+        while self.demand_active.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Chunks that are neither in memory nor in the host cache (for read-ahead decisions).
+    pub fn is_local(&self, id: &ChunkId) -> bool {
+        self.mem.lock().expect("mem lock").lru.contains(id)
+            || self.inflight.lock().expect("inflight lock").contains_key(id)
+            || self.cache.contains(id)
+    }
+}
+
+fn end_of(e: &PackEntry) -> u64 {
+    e.offset as u64 + e.stored_len as u64
+}
+
+/// Split a pack's wanted entries (sorted by offset) into runs that one range read serves.
+fn merge_ranges(entries: Vec<PackEntry>) -> Vec<Vec<PackEntry>> {
+    let mut runs: Vec<Vec<PackEntry>> = Vec::new();
+    for e in entries {
+        if let Some(run) = runs.last_mut() {
+            let start = run[0].offset as u64;
+            let end = run.iter().map(end_of).max().unwrap_or(start);
+            let new_end = end.max(end_of(&e));
+            if e.offset as u64 <= end + MAX_GAP && new_end - start <= MAX_RANGE {
+                run.push(e);
+                continue;
+            }
+        }
+        runs.push(vec![e]);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_store::format::pack::Codec;
+
+    fn entry(offset: u64, len: u32) -> PackEntry {
+        let id = ChunkId::of(&offset.to_le_bytes());
+        PackEntry { id, offset: offset as u32, stored_len: len, raw_len: len, codec: Codec::Raw }
+    }
+
+    #[test]
+    fn neighbours_merge_and_far_or_long_runs_split() {
+        let runs = merge_ranges(vec![entry(8, 100), entry(108, 100), entry(108 + 100 + MAX_GAP, 10)]);
+        assert_eq!(runs.len(), 1);
+        let runs = merge_ranges(vec![entry(8, 100), entry(208 + MAX_GAP + 1, 10)]);
+        assert_eq!(runs.len(), 2);
+        let big = (MAX_RANGE / 2) as u32;
+        let runs = merge_ranges(vec![entry(0, big), entry(big as u64, big), entry(2 * big as u64, 1)]);
+        assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
+    }
+}

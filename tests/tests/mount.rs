@@ -1,0 +1,356 @@
+//! Real FUSE mounts of real snapshots, read by real programs.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_tests::*;
+
+const EIO: i32 = nix::errno::Errno::EIO as i32;
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    assert!(out.status.success(), "{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    let mut reader = h.finalize_xof();
+    out.resize(len, 0);
+    reader.fill(&mut out);
+    out
+}
+
+#[test]
+fn debian_rootfs_mount_matches_source_and_runs_programs() {
+    let rootfs = debian_rootfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let snap = repo.push(&rootfs, &[]);
+    let mnt = tmp.path().join("mnt");
+    // --dev: programs in the chroot open the snapshot's own /dev/null.
+    let m = repo.mount(&snap, &mnt, &["--dev", "--suid"]);
+
+    // Byte for byte, and every piece of metadata, entry by entry.
+    sh(Command::new("diff").args(["-r", "--no-dereference"]).arg(&rootfs).arg(&mnt));
+    assert_same_tree_with(&rootfs, &mnt, false);
+
+    // Programs run from the mount (exec and mmap of binaries and libraries).
+    let out = sh(Command::new("chroot").arg(&mnt).args(["/bin/sh", "-c", "echo ran on debian $(cat /etc/debian_version); ls /usr/bin | wc -l"]));
+    assert!(out.starts_with("ran on debian 12"), "{out}");
+    let out = sh(Command::new("chroot").arg(&mnt).args([
+        "/usr/bin/python3",
+        "-c",
+        "import json, sqlite3, email.parser, http.client, decimal; print(json.dumps([sqlite3.sqlite_version, str(decimal.Decimal(1)/7)]))",
+    ]));
+    assert!(out.contains("0.1428571428571428571428571429"), "{out}");
+    let out = sh(Command::new("chroot").arg(&mnt).args(["/usr/bin/git", "--version"]));
+    assert!(out.starts_with("git version"), "{out}");
+
+    let stats = m.stats();
+    assert_eq!(stats["read_errors"], 0, "{stats}");
+    let (status, err) = m.stop();
+    assert!(status.success(), "daemon exit {status}: {err}");
+    assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
+}
+
+/// A git repository, a SQLite database, an mmap'ed file and a memory image, through mounts of a
+/// local repository and of a bucket on moto.
+#[test]
+fn git_sqlite_mmap_and_memory_images_through_local_and_s3_mounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("repo")).unwrap();
+    let git = |args: &[&str]| {
+        sh(Command::new("git")
+            .arg("-C")
+            .arg(src.join("repo"))
+            .args(["-c", "user.name=t", "-c", "user.email=t@e", "-c", "init.defaultBranch=main"])
+            .args(args))
+    };
+    git(&["init", "-q"]);
+    for i in 0..20 {
+        std::fs::write(src.join("repo").join(format!("f{i}.txt")), format!("file {i}\n").repeat(i * 100 + 1)).unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", &format!("commit {i}")]);
+    }
+    git(&["gc", "-q"]);
+    sh(Command::new("python3").arg("-c").arg(format!(
+        "import sqlite3; c = sqlite3.connect('{}'); c.execute('create table t (k integer primary key, v text)'); \
+         c.executemany('insert into t (v) values (?)', [('row %d' % i * 20,) for i in range(20000)]); c.commit()",
+        src.join("db.sqlite").display()
+    )));
+    std::fs::write(src.join("blob.bin"), random_bytes(3 << 20, 7)).unwrap();
+    // A memory image: data, zero pages, data.
+    let mem = tmp.path().join("guest.mem");
+    let mut image = random_bytes(1 << 20, 9);
+    image.extend(vec![0u8; 2 << 20]);
+    image.extend(random_bytes(1 << 20, 10));
+    std::fs::write(&mem, &image).unwrap();
+
+    let moto = Moto::start();
+    for (name, repo) in [("local", Repo::local(&tmp.path().join("repo"))), ("s3", Repo::s3(&moto, "mount-test"))] {
+        repo.ok(&["init"]);
+        let snap = repo.push(&src, &[]);
+        let mnt = tmp.path().join(format!("mnt-{name}"));
+        let m = repo.mount(&snap, &mnt, &[]);
+        let fsck = Command::new("git").arg("-C").arg(mnt.join("repo")).args(["fsck", "--full", "--strict"]).output().unwrap();
+        assert!(fsck.status.success(), "{name}: git fsck: {}", String::from_utf8_lossy(&fsck.stderr));
+        let log = sh(Command::new("git").arg("-C").arg(mnt.join("repo")).args(["log", "--oneline"]));
+        assert_eq!(log.lines().count(), 20, "{name}");
+        let rows = sh(Command::new("python3").arg("-c").arg(format!(
+            "import sqlite3; c = sqlite3.connect('file:{}?immutable=1', uri=True); print(c.execute('select count(*), sum(length(v)) from t').fetchone())",
+            mnt.join("db.sqlite").display()
+        )));
+        let expected = sh(Command::new("python3").arg("-c").arg(format!(
+            "import sqlite3; c = sqlite3.connect('{}'); print(c.execute('select count(*), sum(length(v)) from t').fetchone())",
+            src.join("db.sqlite").display()
+        )));
+        assert_eq!(rows, expected, "{name}");
+        let mmapped = sh(Command::new("python3").arg("-c").arg(format!(
+            "import mmap, hashlib; f = open('{}', 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); print(hashlib.sha256(m[:]).hexdigest())",
+            mnt.join("blob.bin").display()
+        )));
+        let direct = sh(Command::new("sha256sum").arg(src.join("blob.bin")));
+        assert_eq!(mmapped.trim(), direct.split(' ').next().unwrap(), "{name}: mmap read differs");
+        let (status, err) = m.stop();
+        assert!(status.success(), "{name}: {err}");
+
+        let msnap = repo.push(&mem, &["--kind", "memory"]);
+        let mmnt = tmp.path().join(format!("mem-{name}"));
+        let m = repo.mount(&msnap, &mmnt, &[]);
+        assert_eq!(std::fs::read(mmnt.join("guest.mem")).unwrap(), image, "{name}: memory image differs");
+        // Zero pages are holes: never fetched. (Stats are refreshed every second.)
+        std::thread::sleep(Duration::from_millis(1200));
+        let stats = m.stats();
+        let fetched = stats["fetched_bytes"].as_u64().unwrap();
+        assert!(fetched < (2 << 20) + (256 << 10), "{name}: zero pages were fetched: {stats}");
+        let (status, err) = m.stop();
+        assert!(status.success(), "{name}: {err}");
+    }
+}
+
+#[test]
+fn corrupt_chunk_is_eio_for_its_file_only_and_is_not_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let bad = random_bytes(200_000, 1);
+    let good = random_bytes(200_000, 2);
+    std::fs::write(src.join("bad.bin"), &bad).unwrap();
+    let repo_dir = tmp.path().join("repo");
+    let repo = Repo::local(&repo_dir);
+    repo.ok(&["init"]);
+    let first = repo.push(&src, &[]);
+    // The good file goes in a later push, so it lives in another pack.
+    std::fs::write(src.join("good.bin"), &good).unwrap();
+    let snap = repo.push(&src, &[]);
+    assert_ne!(first, snap);
+    // Damage the pack holding bad.bin (the only data pack of the first push): flip bytes in
+    // the middle of its chunk data.
+    let packs: Vec<_> = walk_files(&repo_dir.join("packs"));
+    let first_pack = packs
+        .iter()
+        .find(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            bytes.windows(64).any(|w| w == &bad[1000..1064])
+        })
+        .expect("bad.bin is stored raw (incompressible) in one pack")
+        .clone();
+    let mut bytes = std::fs::read(&first_pack).unwrap();
+    let at = bytes.windows(64).position(|w| w == &bad[1000..1064]).unwrap();
+    bytes[at + 10] ^= 0xff;
+    std::fs::write(&first_pack, bytes).unwrap();
+
+    let mnt = tmp.path().join("mnt");
+    let m = repo.mount(&snap, &mnt, &["--no-prefetch"]);
+    let err = std::fs::read(mnt.join("bad.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    assert_eq!(std::fs::read(mnt.join("good.bin")).unwrap(), good);
+    // Not cached: asking again fails again rather than serving bytes.
+    let again = std::fs::read(mnt.join("bad.bin")).unwrap_err();
+    assert_eq!(again.raw_os_error(), Some(EIO));
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = m.stats();
+    assert!(stats["bad_chunks"].as_u64().unwrap() >= 1, "{stats}");
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("BLAKE3"), "the bad chunk is logged: {err}");
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn unreachable_bucket_is_eio_and_the_mount_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let a = random_bytes(300_000, 3);
+    let b = random_bytes(300_000, 4);
+    std::fs::write(src.join("a.bin"), &a).unwrap();
+    std::fs::create_dir(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/b.bin"), &b).unwrap();
+    let moto = Moto::start();
+    let direct = Repo::s3(&moto, "flaky");
+    direct.ok(&["init"]);
+    let snap = direct.push(&src, &[]);
+
+    let relay = Relay::start(moto.port);
+    let mut repo = Repo { url: direct.url.clone(), cache: tempfile::tempdir().unwrap(), env: direct.env.clone() };
+    for (k, v) in repo.env.iter_mut() {
+        if k == "AWS_ENDPOINT" {
+            *v = format!("http://127.0.0.1:{}", relay.port);
+        }
+    }
+    repo.env.extend([
+        ("CAIRN_S3_TIMEOUT".to_string(), "2s".to_string()),
+        ("CAIRN_S3_RETRY_TIMEOUT".to_string(), "4s".to_string()),
+        ("CAIRN_S3_MAX_RETRIES".to_string(), "2".to_string()),
+    ]);
+    let mnt = tmp.path().join("mnt");
+    let m = repo.mount(&snap, &mnt, &["--no-prefetch"]);
+    relay.set_up(false);
+    let started = Instant::now();
+    let err = std::fs::read(mnt.join("a.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "retries are bounded");
+    assert!(is_mounted(&mnt), "the mount stays up");
+    relay.set_up(true);
+    assert_eq!(std::fs::read(mnt.join("a.bin")).unwrap(), a, "recovers when the bucket returns");
+    assert_eq!(std::fs::read(mnt.join("sub/b.bin")).unwrap(), b);
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+}
+
+#[test]
+fn sigterm_unmounts_and_stale_mounts_can_be_unmounted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_rich_tree(&src);
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let snap = repo.push(&src, &[]);
+    let mnt = tmp.path().join("mnt");
+
+    let m = repo.mount(&snap, &mnt, &[]);
+    assert_same_tree_with(&src, &mnt, false);
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+    assert!(!is_mounted(&mnt));
+
+    // A daemon killed outright leaves a dead mount; `cairn umount` still removes it.
+    let mut m = repo.mount(&snap, &mnt, &[]);
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    assert!(is_mounted(&mnt));
+    let err = std::fs::read_dir(&mnt).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOTCONN as i32), "{err}");
+    repo.ok(&["umount", mnt.to_str().unwrap()]);
+    assert!(!is_mounted(&mnt));
+    drop(m);
+}
+
+#[test]
+fn trace_is_recorded_stored_and_prefetched_by_the_next_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..30 {
+        std::fs::write(src.join(format!("f{i:02}")), random_bytes(100_000, 100 + i)).unwrap();
+    }
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let snap = repo.push(&src, &[]);
+    let mnt = tmp.path().join("mnt");
+    let trace_file = tmp.path().join("trace");
+    // Mount 1 reads a third of the files and stores what it touched.
+    let m = repo.mount(&snap, &mnt, &["--store-trace", "--record-trace", trace_file.to_str().unwrap(), "--no-prefetch"]);
+    for i in (0..30).step_by(3) {
+        std::fs::read(mnt.join(format!("f{i:02}"))).unwrap();
+    }
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+    assert!(trace_file.metadata().unwrap().len() > 0);
+    let traces = walk_files(&tmp.path().join("repo/traces"));
+    assert_eq!(traces.len(), 1);
+
+    // Mount 2 on an empty cache prefetches the trace before anyone reads.
+    repo.ok(&["cache", "clear"]);
+    let m = repo.mount(&snap, &mnt, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = m.stats();
+        if s["prefetched_bytes"].as_u64().unwrap() >= 10 * 100_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "trace not prefetched: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = m.stats();
+    for i in (0..30).step_by(3) {
+        assert_eq!(std::fs::read(mnt.join(format!("f{i:02}"))).unwrap(), random_bytes(100_000, 100 + i as u64));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let after = m.stats();
+    assert_eq!(after["misses"], before["misses"], "traced files were fetched again: {after}");
+    assert_eq!(after["range_reads"], before["range_reads"], "{after}");
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+}
+
+#[test]
+fn host_cache_stays_under_its_cap_through_a_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..8 {
+        std::fs::write(src.join(format!("f{i}")), random_bytes(1 << 20, 200 + i)).unwrap();
+    }
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let snap = repo.push(&src, &[]);
+    let mnt = tmp.path().join("mnt");
+    let cap = 2 << 20;
+    let m = repo.mount(&snap, &mnt, &["--cache-max", "2MiB", "--cache-min-free", "0B"]);
+    for round in 0..2 {
+        for i in 0..8 {
+            assert_eq!(std::fs::read(mnt.join(format!("f{i}"))).unwrap().len(), 1 << 20, "round {round}");
+            let used = du(&repo.cache.path().join("chunks/data"));
+            assert!(used <= cap, "cache occupies {used} bytes, cap {cap}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let s = m.stats();
+    assert!(s["cache"]["used_bytes"].as_u64().unwrap() <= cap, "{s}");
+    assert!(s["cache"]["evictions"].as_u64().unwrap() > 0, "{s}");
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+    let stats = repo.json(&["cache", "stats", "--cache-max", "2MiB"]);
+    assert!(stats["owner"].as_bool().unwrap() && stats["used_bytes"].as_u64().unwrap() <= cap, "{stats}");
+    repo.ok(&["cache", "clear"]);
+    assert_eq!(du(&repo.cache.path().join("chunks/data")), 0);
+}
+
+fn du(dir: &Path) -> u64 {
+    if !dir.exists() {
+        return 0;
+    }
+    // Files may be evicted while we walk.
+    walk_files(dir).iter().filter_map(|p| p.metadata().ok()).map(|m| m.blocks() * 512).sum()
+}
