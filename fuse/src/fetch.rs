@@ -454,3 +454,73 @@ mod tests {
         assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
     }
 }
+
+#[cfg(test)]
+mod fetch_tests {
+    use std::sync::atomic::AtomicBool;
+
+    use cairn_store::format::config::Chunking;
+    use cairn_store::format::tree::{Content, NodeKind};
+    use cairn_store::push::{push, ParentSpec, PushOptions, PushProgress};
+    use cairn_store::Kind;
+
+    use super::*;
+    use crate::cache::CacheConfig;
+
+    struct Quiet;
+    impl PushProgress for Quiet {}
+
+    /// Many readers asking for one cold file at once cost one set of range reads, and every
+    /// chunk arrives verified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_a_cold_file_share_one_fetch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        std::fs::write(src.join("f"), &data).unwrap();
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let repo = Repository::init_on(store, "memory://t", Chunking::default(), &tmp.path().join("c"))
+            .await
+            .unwrap();
+        let opts = PushOptions {
+            source: src,
+            kind: Kind::Fs,
+            tags: Default::default(),
+            parent: ParentSpec::None,
+            expire_in: None,
+            host: None,
+        };
+        let summary = push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+        let snap = repo.load_snapshot(&summary.snapshot).await.unwrap();
+        let node = repo.walk_path(&snap.root, "/f").await.unwrap();
+        let NodeKind::File { content, .. } = &node.kind else { panic!("a file") };
+        let Content::Extents(extents) = content else { panic!("inline extents") };
+        let ids: Vec<ChunkId> = extents.iter().filter_map(|e| e.chunk).collect();
+        assert!(ids.len() > 10);
+
+        let repo = Arc::new(repo);
+        let cache = Arc::new(
+            ChunkCache::open(CacheConfig { dir: tmp.path().join("cc"), max_bytes: 64 << 20, min_free_bytes: 0 })
+                .unwrap(),
+        );
+        let stats = Arc::new(MountStats::default());
+        let fetcher = Arc::new(Fetcher::new(repo.clone(), cache, stats.clone(), 64 << 20, false));
+        let gets_before = repo.requests().gets;
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (f, ids) = (fetcher.clone(), ids.clone());
+                tokio::spawn(async move { f.chunks(&ids, &[]).await.unwrap() })
+            })
+            .collect();
+        for r in readers {
+            let chunks = r.await.unwrap();
+            let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(joined, data);
+        }
+        let gets = repo.requests().gets - gets_before;
+        let runs = (data.len() as u64).div_ceil(MAX_RANGE);
+        assert!(gets <= runs + 1, "{gets} range reads for a file that needs {runs}");
+        assert!(stats.fetched_bytes.load(Ordering::Relaxed) < 2 * data.len() as u64);
+    }
+}

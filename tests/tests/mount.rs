@@ -354,3 +354,56 @@ fn du(dir: &Path) -> u64 {
     // Files may be evicted while we walk.
     walk_files(dir).iter().filter_map(|p| p.metadata().ok()).map(|m| m.blocks() * 512).sum()
 }
+
+/// Mounting reads the snapshot root and the root directory, nothing that grows with the
+/// snapshot: a 1,000,001-entry snapshot mounts with the same requests as a 3-entry one, and the
+/// daemon's memory before anything is walked does not grow either.
+#[test]
+fn million_file_snapshot_mounts_lazily() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("big");
+    for d in 0..1000 {
+        let dir = big.join(format!("d{d:04}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            std::fs::File::create(dir.join(format!("f{f:04}"))).unwrap();
+        }
+    }
+    std::fs::write(big.join("d0999/f0999"), b"the last file\n").unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(small.join("d0999")).unwrap();
+    std::fs::write(small.join("d0999/f0999"), b"the last file\n").unwrap();
+    std::fs::write(small.join("x"), b"x").unwrap();
+
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let big_snap = repo.push(&big, &[]);
+    let small_snap = repo.push(&small, &[]);
+    let shown = repo.json(&["show", &big_snap]);
+    assert_eq!(shown["snapshot"]["stats"]["files"], 1_000_000);
+
+    let mut seen = Vec::new();
+    for (name, snap) in [("big", &big_snap), ("small", &small_snap)] {
+        let mnt = tmp.path().join(format!("mnt-{name}"));
+        let m = repo.mount(snap, &mnt, &["--no-prefetch"]);
+        let first = std::fs::read_dir(&mnt).unwrap().count();
+        assert!(first >= 1);
+        assert_eq!(std::fs::read(mnt.join("d0999/f0999")).unwrap(), b"the last file\n");
+        std::thread::sleep(Duration::from_millis(1200));
+        let stats = m.stats();
+        let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", m.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap()))
+            .unwrap();
+        seen.push((stats["requests"].clone(), rss_kib));
+        let (status, err) = m.stop();
+        assert!(status.success(), "{err}");
+    }
+    let (big_req, big_rss) = &seen[0];
+    let (small_req, small_rss) = &seen[1];
+    assert_eq!(big_req["lists"], small_req["lists"], "{big_req} vs {small_req}");
+    assert_eq!(big_req["gets"], small_req["gets"], "{big_req} vs {small_req}");
+    // The two trees' first pages are the same size class; allow allocator noise, not growth.
+    assert!(*big_rss < small_rss + 32 * 1024, "daemon RSS {big_rss} KiB vs {small_rss} KiB");
+}
