@@ -10,7 +10,7 @@
 #   OUT             report path             (default: docs/benchmarks.md)
 #   BENCH_TMP       where repositories, restores and copies go (default: $BENCHDATA, so they
 #                   are on the same disk as the data); a fresh temp dir is made and removed
-#   BENCH_GROUPS    dataset groups to run   (default: "fs mem")
+#   BENCH_GROUPS    groups to run           (default: "fs mem mount"; mount = bench/mount.py, needs root)
 #   SKIP_RESTIC=1   do not run restic;  SKIP_BASELINES=1  do not run the physical baselines
 #
 # The fs group also runs the "in place" scenario: fs-v1 is copied to a work dir W and pushed,
@@ -30,7 +30,7 @@ abspath() { # absolute path without requiring it to exist
 CAIRN=$(abspath "${CAIRN:-$ROOT/target/release/cairn}")
 BENCHDATA=$(abspath "${BENCHDATA:-$ROOT/benchdata}")
 OUT=$(abspath "${OUT:-$ROOT/docs/benchmarks.md}")
-GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem}
+GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem mount}
 SKIP_RESTIC=${SKIP_RESTIC:-0}
 SKIP_BASELINES=${SKIP_BASELINES:-0}
 export RESTIC_PASSWORD=bench
@@ -445,9 +445,10 @@ log "cairn: $CAIRN; data: $BENCHDATA; work dir: $WORK; restic: $([ "$HAVE_RESTIC
 case $CAIRN in */debug/*) log "warning: this is a debug build; the numbers will not be representative" ;; esac
 for g in $GROUPS_TO_RUN; do
   case $g in
+    mount) continue ;;
     fs) v1="$BENCHDATA/fs-v1"; v2="$BENCHDATA/fs-v2"; kind=fs ;;
     mem) v1="$BENCHDATA/mem-v1"; v2="$BENCHDATA/mem-v2"; kind=memory ;;
-    *) die "unknown group '$g' in BENCH_GROUPS (fs, mem)" ;;
+    *) die "unknown group '$g' in BENCH_GROUPS (fs, mem, mount)" ;;
   esac
   warm "$v1"; warm "$v2"
   cairn_group "$g" "$v1" "$v2" "$kind"
@@ -472,6 +473,12 @@ rec meta.failed_steps "$FAILED"
 
 mkdir -p "$(dirname "$OUT")"
 python3 "$HERE/table.py" "$RES" "$OUT"
+case " $GROUPS_TO_RUN " in
+  *" mount "*)
+    log "mount group: bench/mount.py (adds its section to $OUT)"
+    CAIRN="$CAIRN" BENCHDATA="$BENCHDATA" OUT="$OUT" BENCH_TMP="$BENCH_TMP" SKIP_RESTIC="$SKIP_RESTIC" \
+      python3 "$HERE/mount.py" >/dev/null || { log "FAIL  mount group"; FAILED=$((FAILED + 1)); } ;;
+esac
 log "report written to $OUT"
 cat "$OUT"
 if [ "$FAILED" -gt 0 ]; then
