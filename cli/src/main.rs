@@ -2,6 +2,7 @@
 //! function of `cairn-store` (or `cairn-fuse`, `cairn-gc`) and prints the result, as text
 //! for people or as JSON with `--json`.
 
+mod gc_cmd;
 mod mount_cmd;
 mod progress;
 
@@ -109,6 +110,9 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
+    /// Remove snapshots that expired or that no retention rule keeps (roots only; `gc` frees
+    /// their chunks). Rules count snapshots per host and source path, newest first.
+    Forget(gc_cmd::ForgetArgs),
     /// Mount a snapshot read-only and lazily; runs in the foreground until unmounted
     /// (Ctrl-C, SIGTERM or `cairn umount`).
     Mount(mount_cmd::MountArgs),
@@ -460,6 +464,10 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             if !report.is_ok() {
                 return Ok(EXIT_DAMAGE);
             }
+        }
+        Command::Forget(args) => {
+            let repo = open(&cli).await?;
+            gc_cmd::forget(&repo, args, cli.json).await?;
         }
         Command::Mount(args) => {
             let repo = open(&cli).await?;

@@ -1,0 +1,87 @@
+//! `cairn forget`: a thin adapter over `cairn_gc::forget`.
+
+use anyhow::{anyhow, Result};
+use cairn_gc::{ForgetOptions, Policy};
+use clap::Args;
+
+#[derive(Args)]
+pub struct ForgetArgs {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Keep the newest snapshot of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<usize>,
+    /// Keep the newest snapshot of each of the N most recent days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
+    /// Keep the newest snapshot of each of the N most recent weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
+    /// Keep the newest snapshot of each of the N most recent months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    /// Keep the newest snapshot of each of the N most recent years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<usize>,
+    /// Keep snapshots this close to the newest of their group (e.g. 3d), whatever the clock says.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub keep_within: Option<std::time::Duration>,
+    /// Keep snapshots with this tag, even past their expiry; repeatable.
+    #[arg(long = "keep-tag", value_name = "KEY=VALUE")]
+    pub keep_tags: Vec<String>,
+    /// Only consider snapshots of this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only consider snapshots carrying this tag; repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Print what would go and why, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn pairs(list: &[String]) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| anyhow!("tags must look like key=value"))
+}
+
+pub async fn forget(repo: &cairn_store::Repository, args: &ForgetArgs, json: bool) -> Result<()> {
+    let opts = ForgetOptions {
+        policy: Policy {
+            keep_last: args.keep_last,
+            keep_hourly: args.keep_hourly,
+            keep_daily: args.keep_daily,
+            keep_weekly: args.keep_weekly,
+            keep_monthly: args.keep_monthly,
+            keep_yearly: args.keep_yearly,
+            keep_within: args.keep_within,
+            keep_tags: pairs(&args.keep_tags)?,
+        },
+        host: args.host.clone(),
+        tags: pairs(&args.tags)?,
+        dry_run: args.dry_run,
+    };
+    let report = cairn_gc::forget(repo, &opts, std::time::SystemTime::now()).await?;
+    if json {
+        return crate::print_json(&report);
+    }
+    let mut group = None;
+    for d in &report.decisions {
+        if group.as_ref() != Some(&d.group) {
+            println!("{}:", d.group);
+            group = Some(d.group.clone());
+        }
+        let verb = match (d.keep, report.dry_run) {
+            (true, _) => "keep  ",
+            (false, true) => "would remove",
+            (false, false) => "remove",
+        };
+        println!("  {verb} {} {}  {}", d.id.short(), d.time.get(..19).unwrap_or(&d.time), d.reasons.join(", "));
+    }
+    let done = if report.dry_run { "would remove" } else { "removed" };
+    println!("{} kept, {} {done} (chunks are freed by `cairn gc`)", report.kept, report.removed);
+    Ok(())
+}
