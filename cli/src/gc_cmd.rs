@@ -85,3 +85,47 @@ pub async fn forget(repo: &cairn_store::Repository, args: &ForgetArgs, json: boo
     println!("{} kept, {} {done} (chunks are freed by `cairn gc`)", report.kept, report.removed);
     Ok(())
 }
+
+#[derive(Args)]
+pub struct GcArgs {
+    /// Report what would be deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Revoke writer leases whose heartbeat is older than this (liveness only, not safety).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub lease_timeout: std::time::Duration,
+    /// Stop waiting for writers after this long (the next run continues).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_wait: std::time::Duration,
+}
+
+pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Result<()> {
+    let opts = cairn_gc::GcOptions {
+        dry_run: args.dry_run,
+        lease_timeout: args.lease_timeout,
+        max_wait: args.max_wait,
+        ..Default::default()
+    };
+    let r = cairn_gc::gc(repo, &opts).await?;
+    if json {
+        return crate::print_json(&r);
+    }
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "{} snapshots, {} live chunks; {verb} {} of {} packs ({} freed)",
+        r.snapshots,
+        r.live_chunks,
+        r.packs_deleted,
+        r.packs,
+        crate::bytes(r.bytes_freed)
+    );
+    if !r.dry_run {
+        println!(
+            "index: {} segments written, {} deleted; writers: {} waited for, {} revoked, {} rolled forward; {} packs taken back",
+            r.segments_written, r.segments_deleted, r.leases_waited, r.leases_revoked, r.leases_rolled_forward, r.packs_taken_back
+        );
+    }
+    let phases: Vec<String> = r.phases.iter().map(|(n, s)| format!("{n} {s:.2}s")).collect();
+    println!("{} requests ({} GET, {} PUT, {} DELETE, {} LIST); {}", r.requests.requests(), r.requests.gets, r.requests.puts, r.requests.deletes, r.requests.lists, phases.join(", "));
+    Ok(())
+}

@@ -113,6 +113,8 @@ enum Command {
     /// Remove snapshots that expired or that no retention rule keeps (roots only; `gc` frees
     /// their chunks). Rules count snapshots per host and source path, newest first.
     Forget(gc_cmd::ForgetArgs),
+    /// Delete packs no snapshot needs and compact the index; safe while other hosts push.
+    Gc(gc_cmd::GcArgs),
     /// Mount a snapshot read-only and lazily; runs in the foreground until unmounted
     /// (Ctrl-C, SIGTERM or `cairn umount`).
     Mount(mount_cmd::MountArgs),
@@ -468,6 +470,10 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
         Command::Forget(args) => {
             let repo = open(&cli).await?;
             gc_cmd::forget(&repo, args, cli.json).await?;
+        }
+        Command::Gc(args) => {
+            let repo = open(&cli).await?;
+            gc_cmd::gc(&repo, args, cli.json).await?;
         }
         Command::Mount(args) => {
             let repo = open(&cli).await?;

@@ -1,15 +1,17 @@
-//! Expiry, retention and (coming) garbage collection of a Cairn repository.
+//! Expiry, retention and garbage collection of a Cairn repository.
 //!
 //! Map of the crate:
 //! - [`retention`] — [`retention::Policy`] and [`retention::decide`]: which snapshots stay, and why.
 //! - [`forget`] — [`forget::forget`]: delete the roots (and traces) of expired or unkept snapshots.
-//!
-//! Not built yet: `gc` itself (marking, condemning and deleting packs under writer leases);
-//! see the issue "Expiry and garbage collection". Forgetting only deletes roots, so it is safe
-//! with concurrent writers on its own.
+//! - [`sweep`] — [`sweep::gc`]: delete packs nothing committed needs, safely alongside writers
+//!   on other hosts (the protocol is in `docs/gc.md`).
+//! - [`liveset`] — [`liveset::LiveSet`]: the marked chunks, in about 16 bytes each.
 
 pub mod forget;
+pub mod liveset;
 pub mod retention;
+pub mod sweep;
 
 pub use forget::{forget, ForgetOptions, ForgetReport};
 pub use retention::{Decision, Policy};
+pub use sweep::{gc, GcOptions, GcReport};

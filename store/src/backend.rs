@@ -51,7 +51,7 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
     let local =
         object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| Error::store(url, e))?;
-    Ok(Arc::new(local))
+    Ok(Arc::new(crate::cas::LocalCas::new(Arc::new(local), path)))
 }
 
 /// Timeouts and retries beyond object_store's defaults, from the environment:

@@ -5,7 +5,9 @@
 //! - [`format`] — the on-bucket format: config, packs, index segments, trees, snapshot roots.
 //! - [`backend`] — opening a store by URL; [`backend::CountingStore`] counts requests.
 //! - [`repo`] — [`Repository`]: verified reads of chunks, trees and snapshots.
+//! - [`cas`] — [`cas::LocalCas`]: compare-and-swap writes for local-directory repositories.
 //! - [`cache`] — the local RocksDB cache (chunk index, file-change cache); rebuildable.
+//! - [`lease`] — [`lease::WriterLease`]: a push's part in the GC protocol (docs/gc.md).
 //! - [`push`] — directory or memory image → packs → index segment → snapshot root.
 //! - [`restore`] — snapshot → directory, exact and confined to the target.
 //! - [`commands`] — the other user commands (ls, cat, diff, stats, check) as functions.
@@ -13,10 +15,12 @@
 
 pub mod backend;
 pub mod cache;
+pub mod cas;
 pub mod commands;
 pub mod error;
 pub mod format;
 pub mod id;
+pub mod lease;
 pub mod push;
 pub mod repo;
 pub mod restore;

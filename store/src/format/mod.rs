@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod index;
+pub mod lease;
 pub mod pack;
 pub mod snapshot;
 pub mod trace;

@@ -22,6 +22,7 @@ use crate::format::index::{self, IndexSegment, MAX_CHUNKS_PER_SEGMENT};
 use crate::format::pack::PackKind;
 use crate::format::snapshot::{self, Kind, Snapshot, SnapshotStats};
 use crate::id::Id;
+use crate::lease::WriterLease;
 use crate::repo::Repository;
 use source::{Chunker, Walker};
 
@@ -98,13 +99,53 @@ pub async fn push(
             .find(|(_, s)| s.host == host && s.source == source_str && s.kind == opts.kind)
             .map(|(id, _)| id),
     };
+    // GC protocol (docs/gc.md): lease first, then the GC state, then the index.
+    let lease = std::sync::Arc::new(WriterLease::acquire(repo.store().clone(), &host).await?);
+    let beating = lease.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(crate::lease::HEARTBEAT).await;
+            if beating.heartbeat().await.is_err() {
+                return; // revoked: the commit will fail and say so
+            }
+        }
+    });
+    let result = async {
+        repo.sync_index().await?;
+        push_under_lease(repo, opts, progress, cancel, &lease, PushContext { started, source, host, source_str, parent })
+            .await
+    }
+    .await;
+    heartbeat.abort();
+    if result.is_err() {
+        let _ = lease.release().await;
+    }
+    result
+}
+
+struct PushContext {
+    started: Instant,
+    source: PathBuf,
+    host: String,
+    source_str: String,
+    parent: Option<Id>,
+}
+
+async fn push_under_lease(
+    repo: &Repository,
+    opts: &PushOptions,
+    progress: &dyn PushProgress,
+    cancel: &AtomicBool,
+    lease: &WriterLease,
+    ctx: PushContext,
+) -> Result<PushSummary> {
+    let PushContext { started, source, host, source_str, parent } = ctx;
     let chunking = repo.config().chunking;
     let chunker = match opts.kind {
         Kind::Fs => Chunker::fs(&chunking),
         Kind::Memory => Chunker::memory(&chunking),
     };
     let name = source.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
-
     let (tx, rx) = packer::channel();
     let uploads = tokio::spawn(packer::upload_all(repo.store().clone(), rx));
     let packer = packer::Packer::new(repo.config().pack_size as usize, repo.config().zstd_level, tx);
@@ -118,6 +159,7 @@ pub async fn push(
         started_ns,
         counts: Default::default(),
         meta_packs: Mutex::default(),
+        condemned: lease.condemned(),
         cancel,
         progress,
     };
@@ -184,7 +226,10 @@ pub async fn push(
         stats: stats.clone(),
     };
     let (id, bytes) = snap.encode();
+    // The commit point is the lease; the copy under snapshots/ is what readers list.
+    lease.commit(id, &bytes).await?;
     repo.put(&snapshot::object_name(&id), bytes).await?;
+    lease.release().await?;
     Ok(PushSummary {
         snapshot: id,
         parent,

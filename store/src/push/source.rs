@@ -64,6 +64,8 @@ pub struct Walker<'a> {
     pub started_ns: i64,
     pub counts: Counts,
     pub meta_packs: Mutex<std::collections::HashSet<PackId>>,
+    /// Packs a garbage collection condemned: their chunks count as absent (stored again).
+    pub condemned: &'a std::collections::HashSet<PackId>,
     pub cancel: &'a AtomicBool,
     pub progress: &'a dyn PushProgress,
 }
@@ -166,8 +168,13 @@ impl Walker<'_> {
         Ok(top)
     }
 
+    /// Where an already stored chunk lives, unless only a condemned pack holds it.
+    fn known(&self, id: &Id) -> Result<Option<crate::cache::Location>> {
+        Ok(self.cache.chunk(id)?.filter(|loc| !self.condemned.contains(&loc.pack)))
+    }
+
     fn store_meta(&self, id: Id, bytes: &[u8]) -> Result<()> {
-        if let Some(loc) = self.cache.chunk(&id)? {
+        if let Some(loc) = self.known(&id)? {
             self.meta_packs.lock().expect("meta lock").insert(loc.pack);
         } else if self.packer.claim(id) {
             self.packer.add(PackKind::Meta, id, bytes)?;
@@ -221,7 +228,7 @@ impl Walker<'_> {
             Content::Lists(pages) => pages.iter().map(|p| p.id).collect(),
         };
         for id in ids {
-            match self.cache.chunk(&id)? {
+            match self.known(&id)? {
                 Some(loc) if matches!(content, Content::Lists(_)) => {
                     self.meta_packs.lock().expect("meta lock").insert(loc.pack);
                 }
@@ -354,7 +361,7 @@ impl Walker<'_> {
         }
         let id = Id::of(data);
         self.counts.chunks.fetch_add(1, Relaxed);
-        if self.cache.chunk(&id)?.is_none() && self.packer.claim(id) {
+        if self.known(&id)?.is_none() && self.packer.claim(id) {
             self.counts.new_chunks.fetch_add(1, Relaxed);
             self.counts.new_bytes.fetch_add(len, Relaxed);
             self.packer.add(PackKind::Data, id, data)?;

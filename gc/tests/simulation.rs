@@ -1,0 +1,446 @@
+//! Deterministic simulation of the GC protocol: writers, forget and GC interleaved over one
+//! `InMemory` bucket, with crashes, checking after every write to the bucket that each
+//! committed snapshot is fully readable.
+//!
+//! Everything runs on one current-thread tokio runtime with paused time; a wrapper store
+//! yields a seeded random number of times before each request, so proptest explores
+//! interleavings and reproduces any failure from its seed. GC, forget, leases and the format
+//! are the real code. The writer is a small one built from the same parts as `push` (lease,
+//! then GC state, then index; no dedup against condemned packs), because `push` itself runs
+//! its walk on blocking threads that a deterministic runtime cannot schedule.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn_gc::{forget, gc, ForgetOptions, GcOptions, Policy};
+use cairn_store::format::config::Chunking;
+use cairn_store::format::index::{self, IndexSegment, IndexedPack};
+use cairn_store::format::lease::{Lease, LeaseState};
+use cairn_store::format::pack::{self, Codec, PackBuilder, PackKind};
+use cairn_store::format::snapshot::{Kind, Snapshot, SnapshotStats};
+use cairn_store::format::tree::{Content, Extent, Node, NodeKind, Tree};
+use cairn_store::lease::WriterLease;
+use cairn_store::{Id, Repository};
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+tokio::task_local! {
+    static ACTOR: usize;
+}
+
+/// Shared by every actor's store handle: the seeded scheduler and the crash plan.
+struct World {
+    rng: Mutex<rand::rngs::StdRng>,
+    /// Per actor: requests made so far, and the request at which it "dies".
+    ops: Mutex<HashMap<usize, usize>>,
+    crash_at: HashMap<usize, usize>,
+    violations: Mutex<Vec<String>>,
+}
+
+#[derive(Debug)]
+struct SimStore {
+    inner: Arc<InMemory>,
+    world: Arc<World>,
+}
+
+impl fmt::Debug for World {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("World")
+    }
+}
+
+impl fmt::Display for SimStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SimStore")
+    }
+}
+
+fn dead() -> object_store::Error {
+    object_store::Error::Generic { store: "sim", source: "this actor crashed".into() }
+}
+
+impl SimStore {
+    /// Yield a random number of times (the interleaving), then fail if the actor is dead.
+    async fn step(&self) -> object_store::Result<()> {
+        let yields = self.world.rng.lock().unwrap().random_range(0..4);
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        let actor = ACTOR.try_with(|a| *a).unwrap_or(usize::MAX);
+        let mut ops = self.world.ops.lock().unwrap();
+        let n = ops.entry(actor).or_default();
+        *n += 1;
+        match self.world.crash_at.get(&actor) {
+            Some(at) if *n >= *at => Err(dead()),
+            _ => Ok(()),
+        }
+    }
+
+    fn after_write(&self) {
+        if let Err(v) = check(&self.inner) {
+            self.world.violations.lock().unwrap().push(v);
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for SimStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        self.step().await?;
+        let r = self.inner.put_opts(location, payload, opts).await;
+        self.after_write();
+        r
+    }
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.step().await?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.step().await?;
+        self.inner.get_opts(location, options).await
+    }
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.step().await?;
+        self.inner.get_ranges(location, ranges).await
+    }
+    fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+        use futures::StreamExt;
+        let inner = self.inner.clone();
+        let world = self.world.clone();
+        let me = SimStore { inner: inner.clone(), world };
+        let me = Arc::new(me);
+        locations
+            .then(move |p| {
+                let me = me.clone();
+                async move {
+                    let p = p?;
+                    me.step().await?;
+                    me.inner.delete(&p).await?;
+                    me.after_write();
+                    Ok(p)
+                }
+            })
+            .boxed()
+    }
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        // Listing is one request; its interleaving point is the step before the first item.
+        let actor = ACTOR.try_with(|a| *a).unwrap_or(usize::MAX);
+        let crashed = {
+            let mut ops = self.world.ops.lock().unwrap();
+            let n = ops.entry(actor).or_default();
+            *n += 1;
+            self.world.crash_at.get(&actor).is_some_and(|at| *n >= *at)
+        };
+        if crashed {
+            return Box::pin(futures::stream::once(async { Err(dead()) }));
+        }
+        self.inner.list(prefix)
+    }
+    fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.step().await?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.step().await?;
+        let r = self.inner.copy_opts(from, to, options).await;
+        self.after_write();
+        r
+    }
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
+        self.step().await?;
+        let r = self.inner.rename_opts(from, to, options).await;
+        self.after_write();
+        r
+    }
+}
+
+/// The invariant, read straight from the bucket: every chunk of every committed snapshot
+/// (root under `snapshots/` or committed lease) is listed by an index segment for a pack that
+/// exists and whose own table holds it.
+fn check(store: &InMemory) -> Result<(), String> {
+    futures::executor::block_on(async {
+        use futures::TryStreamExt;
+        let all: Vec<ObjectMeta> = store.list(None).try_collect().await.map_err(|e| e.to_string())?;
+        let get = |p: &Path| {
+            let p = p.clone();
+            async move { store.get(&p).await.unwrap().bytes().await.unwrap() }
+        };
+        let mut in_packs: HashMap<Id, (Id, pack::PackEntry)> = HashMap::new();
+        let mut pack_bytes: HashMap<Id, Bytes> = HashMap::new();
+        let mut indexed: HashSet<(Id, Id)> = HashSet::new();
+        let mut roots: Vec<(String, Snapshot)> = Vec::new();
+        for m in &all {
+            let name = m.location.to_string();
+            if let Some(rest) = name.strip_prefix("packs/") {
+                let id: Id = rest.rsplit('/').next().unwrap().parse().unwrap();
+                let bytes = get(&m.location).await;
+                let (_, entries) = pack::decode_table_of(&bytes, &name).map_err(|e| e.to_string())?;
+                for e in entries {
+                    in_packs.insert(e.id, (id, e));
+                }
+                pack_bytes.insert(id, bytes);
+            }
+        }
+        for m in &all {
+            let name = m.location.to_string();
+            let bytes = || get(&m.location);
+            if name.starts_with("index/") {
+                let seg = IndexSegment::decode(&bytes().await, &name).map_err(|e| e.to_string())?;
+                for p in seg.packs {
+                    for c in p.chunks {
+                        indexed.insert((c.id, p.id));
+                    }
+                }
+            } else if let Some(h) = name.strip_prefix("snapshots/") {
+                let id: Id = h.parse().unwrap();
+                roots.push((name.clone(), Snapshot::decode(&bytes().await, &id).map_err(|e| e.to_string())?));
+            } else if name.starts_with("leases/") {
+                let lease = Lease::decode(&bytes().await, &name).map_err(|e| e.to_string())?;
+                if let LeaseState::Committed { snapshot, root } = lease.state {
+                    roots.push((name, Snapshot::decode(root.as_bytes(), &snapshot).map_err(|e| e.to_string())?));
+                }
+            }
+        }
+        let readable = |id: &Id| -> Result<Vec<u8>, String> {
+            let (p, e) = in_packs.get(id).ok_or(format!("chunk {id} is in no pack"))?;
+            if !indexed.iter().any(|(c, ip)| c == id && pack_bytes.contains_key(ip)) {
+                return Err(format!("chunk {id} is in no indexed pack that exists"));
+            }
+            let b = &pack_bytes[p];
+            pack::open_chunk(e, &b[e.offset as usize..(e.offset + e.stored_len) as usize], "pack").map_err(|e| e.to_string())
+        };
+        for (name, snap) in roots {
+            let mut stack = vec![snap.root.clone()];
+            while let Some(n) = stack.pop() {
+                match n.kind {
+                    NodeKind::Dir { tree } => match Tree::decode(&readable(&tree).map_err(|e| format!("{name}: {e}"))?, "t") {
+                        Ok(Tree::Leaf(nodes)) => stack.extend(nodes),
+                        other => return Err(format!("{name}: unexpected tree {other:?}")),
+                    },
+                    NodeKind::File { content: Content::Extents(ex), .. } => {
+                        for e in ex {
+                            if let Some(c) = e.chunk {
+                                readable(&c).map_err(|e| format!("{name}: {e}"))?;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A writer built from push's parts: lease → GC state → index; no dedup against condemned packs.
+async fn write_snapshot(repo: &Repository, host: &str, blobs: &[Vec<u8>]) -> cairn_store::Result<Id> {
+    let lease = WriterLease::acquire(repo.store().clone(), host).await?;
+    let result = async {
+        repo.sync_index().await?;
+        let known = |id: &Id| -> cairn_store::Result<bool> {
+            Ok(repo.cache().chunk(id)?.is_some_and(|l| !lease.condemned().contains(&l.pack)))
+        };
+        let mut data = PackBuilder::new(PackKind::Data, 1 << 16);
+        let mut added = HashSet::new();
+        let mut nodes = Vec::new();
+        for (i, b) in blobs.iter().enumerate() {
+            let id = Id::of(b);
+            if !known(&id)? && added.insert(id) {
+                data.add(id, b.len() as u32, Codec::Raw, b);
+            }
+            nodes.push(Node {
+                name: format!("f{i}").into_bytes(),
+                kind: NodeKind::File { size: b.len() as u64, content: Content::Extents(vec![Extent { chunk: Some(id), len: b.len() as u64 }]) },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime_ns: 0,
+                xattrs: vec![],
+                link_group: None,
+            });
+        }
+        let trees = Tree::build(nodes);
+        let top = trees.last().unwrap().id;
+        let mut meta = PackBuilder::new(PackKind::Meta, 1 << 16);
+        for t in &trees {
+            if !known(&t.id)? && added.insert(t.id) {
+                meta.add(t.id, t.bytes.len() as u32, Codec::Raw, &t.bytes);
+            }
+        }
+        let mut seg = IndexSegment::default();
+        let mut meta_packs = Vec::new();
+        for b in [data, meta] {
+            if b.is_empty() {
+                continue;
+            }
+            let p = b.finish();
+            repo.put(&pack::object_name(&p.id), p.bytes.clone()).await?;
+            if p.kind == PackKind::Meta {
+                meta_packs.push(p.id);
+            }
+            seg.packs.push(IndexedPack { id: p.id, kind: p.kind, len: p.bytes.len() as u64, chunks: p.entries });
+        }
+        if !seg.packs.is_empty() {
+            let (id, bytes) = seg.encode();
+            repo.put(&index::object_name(&id), bytes).await?;
+        }
+        let snap = Snapshot {
+            format: 1,
+            time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            host: host.into(),
+            source: "/sim".into(),
+            kind: Kind::Fs,
+            tags: Default::default(),
+            parent: None,
+            expires: None,
+            root: Node {
+                name: b"sim".to_vec(),
+                kind: NodeKind::Dir { tree: top },
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime_ns: 0,
+                xattrs: vec![],
+                link_group: None,
+            },
+            meta_packs,
+            stats: SnapshotStats::default(),
+        };
+        let (id, bytes) = snap.encode();
+        lease.commit(id, &bytes).await?;
+        repo.put(&cairn_store::format::snapshot::object_name(&id), bytes).await?;
+        lease.release().await?;
+        Ok(id)
+    }
+    .await;
+    if result.is_err() {
+        let _ = lease.release().await;
+    }
+    result
+}
+
+#[derive(Clone, Debug)]
+enum Act {
+    Write { host: u8, blobs: Vec<u8> },
+    Forget,
+    Gc { revoke_at_once: bool },
+}
+
+fn act() -> impl Strategy<Value = Act> {
+    prop_oneof![
+        4 => (0u8..3, proptest::collection::vec(0u8..10, 1..5)).prop_map(|(host, blobs)| Act::Write { host, blobs }),
+        1 => Just(Act::Forget),
+        2 => any::<bool>().prop_map(|revoke_at_once| Act::Gc { revoke_at_once }),
+    ]
+}
+
+fn blob(i: u8) -> Vec<u8> {
+    (0..2000u32).map(|j| (j.wrapping_mul(31) ^ i as u32 * 7919) as u8).collect()
+}
+
+fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let inner = Arc::new(InMemory::new());
+    let world = Arc::new(World {
+        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+        ops: Mutex::new(HashMap::new()),
+        crash_at: crashes.into_iter().collect(),
+        violations: Mutex::new(Vec::new()),
+    });
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let store: Arc<dyn ObjectStore> = Arc::new(SimStore { inner: inner.clone(), world: world.clone() });
+        Repository::init_on(store.clone(), "sim://", Chunking::default(), &tmp.path().join("init")).await.unwrap();
+        // Every actor is its own process: its own repository handle and local cache.
+        let mut tasks = Vec::new();
+        for (i, a) in acts.into_iter().enumerate() {
+            let store = store.clone();
+            let cache = tmp.path().join(format!("actor{i}"));
+            tasks.push(tokio::task::spawn_local(ACTOR.scope(i, async move {
+                let repo = match Repository::open_on(store, "sim://", &cache).await {
+                    Ok(r) => r,
+                    Err(_) => return, // crashed while opening
+                };
+                match a {
+                    Act::Write { host, blobs } => {
+                        let blobs: Vec<Vec<u8>> = blobs.into_iter().map(blob).collect();
+                        let _ = write_snapshot(&repo, &format!("h{host}"), &blobs).await;
+                    }
+                    Act::Forget => {
+                        let opts = ForgetOptions { policy: Policy { keep_last: Some(1), ..Default::default() }, ..Default::default() };
+                        let _ = forget(&repo, &opts, SystemTime::now()).await;
+                    }
+                    Act::Gc { revoke_at_once } => {
+                        let opts = GcOptions {
+                            lease_timeout: if revoke_at_once { Duration::ZERO } else { Duration::from_secs(3600) },
+                            poll: Duration::from_millis(5),
+                            max_wait: Duration::from_secs(2),
+                            ..Default::default()
+                        };
+                        let _ = gc(&repo, &opts).await;
+                    }
+                }
+            })));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Afterwards, with nobody else running: a GC that revokes the dead finishes the job.
+        let repo = Repository::open_on(store.clone(), "sim://", &tmp.path().join("final")).await.unwrap();
+        let opts = GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
+        ACTOR.scope(usize::MAX - 1, async { gc(&repo, &opts).await.map_err(|e| e.to_string()) }).await?;
+        // Whatever is committed is readable through the index, and nothing dead is left.
+        for (id, snap) in repo.snapshots().await.map_err(|e| e.to_string())? {
+            let mut stack = vec![snap.root.clone()];
+            while let Some(n) = stack.pop() {
+                if let NodeKind::Dir { tree } = n.kind {
+                    stack.extend(repo.read_dir(&tree).await.map_err(|e| format!("{id}: {e}"))?);
+                } else if let NodeKind::File { content, .. } = &n.kind {
+                    for e in repo.extents(content).await.map_err(|e| e.to_string())? {
+                        repo.read_chunk(&e.chunk.unwrap()).await.map_err(|e| format!("snapshot {id}: {e}"))?;
+                    }
+                }
+            }
+        }
+        let leases = repo.list("leases").await.map_err(|e| e.to_string())?;
+        if !leases.is_empty() {
+            return Err(format!("leases left after the final gc: {leases:?}"));
+        }
+        Ok::<(), String>(())
+    })?;
+    let v = world.violations.lock().unwrap();
+    if let Some(first) = v.first() {
+        return Err(format!("{} violations, first: {first}", v.len()));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn committed_snapshots_stay_readable_under_any_interleaving(
+        seed in any::<u64>(),
+        acts in proptest::collection::vec(act(), 2..8),
+        crashes in proptest::collection::vec((0usize..8, 1usize..40), 0..3),
+    ) {
+        let r = run_world(seed, acts, crashes);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+}

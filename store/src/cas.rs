@@ -1,0 +1,183 @@
+//! [`LocalCas`]: conditional updates (`PutMode::Update`) for a local-directory repository.
+//!
+//! `object_store`'s `LocalFileSystem` creates conditionally but cannot compare-and-swap. Volume
+//! heads, GC state and writer leases need it, so this wrapper serialises conditional writes
+//! of all processes on the host with an exclusive `flock` on `<repo>/.cairn-cas.lock`, checks
+//! the current ETag under it, and only then writes. Plain writes and reads pass through.
+//! (A local repository is only shared by processes of one host, so one lock file suffices.)
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+};
+
+#[derive(Debug)]
+pub struct LocalCas {
+    inner: Arc<dyn ObjectStore>,
+    lock_file: PathBuf,
+    /// Threads of this process queue here before taking the file lock.
+    local: tokio::sync::Mutex<()>,
+}
+
+impl LocalCas {
+    pub fn new(inner: Arc<dyn ObjectStore>, root: impl Into<PathBuf>) -> LocalCas {
+        LocalCas { inner, lock_file: root.into().join(".cairn-cas.lock"), local: tokio::sync::Mutex::new(()) }
+    }
+
+    async fn locked<T>(
+        &self,
+        f: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        let _local = self.local.lock().await;
+        let path = self.lock_file.clone();
+        let guard = tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| std::io::Error::from(e))
+        })
+        .await
+        .map_err(|e| object_store::Error::Generic { store: "LocalCas", source: Box::new(e) })?
+        .map_err(|e| object_store::Error::Generic { store: "LocalCas", source: Box::new(e) })?;
+        let out = f.await;
+        drop(guard);
+        out
+    }
+}
+
+impl fmt::Display for LocalCas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LocalCas({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LocalCas {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        match opts.mode.clone() {
+            PutMode::Overwrite => self.inner.put_opts(location, payload, opts).await,
+            PutMode::Create => self.locked(self.inner.put_opts(location, payload, opts)).await,
+            PutMode::Update(version) => {
+                self.locked(async {
+                    let current = match self.inner.head(location).await {
+                        Ok(meta) => meta,
+                        Err(object_store::Error::NotFound { path, .. }) => {
+                            return Err(object_store::Error::Precondition {
+                                path,
+                                source: "object does not exist".into(),
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if current.e_tag != version.e_tag {
+                        return Err(object_store::Error::Precondition {
+                            path: location.to_string(),
+                            source: format!("ETag {:?} is not {:?}", current.e_tag, version.e_tag).into(),
+                        });
+                    }
+                    let overwrite = PutOptions { mode: PutMode::Overwrite, ..opts };
+                    self.inner.put_opts(location, payload, overwrite).await
+                })
+                .await
+            }
+        }
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::UpdateVersion;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exactly_one_of_racing_updates_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let store = Arc::new(LocalCas::new(Arc::new(local), dir.path()));
+        let path = Path::from("head");
+        let first = store.put_opts(&path, "v0".into(), PutMode::Create.into()).await.unwrap();
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, path, e_tag) = (store.clone(), path.clone(), first.e_tag.clone());
+                tokio::spawn(async move {
+                    let mode = PutMode::Update(UpdateVersion { e_tag, version: None });
+                    store.put_opts(&path, format!("v{i}").into(), mode.into()).await
+                })
+            })
+            .collect();
+        let mut wins = 0;
+        for r in racers {
+            match r.await.unwrap() {
+                Ok(_) => wins += 1,
+                Err(object_store::Error::Precondition { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(wins, 1);
+        let create_again = store.put_opts(&path, "x".into(), PutMode::Create.into()).await;
+        assert!(matches!(create_again, Err(object_store::Error::AlreadyExists { .. })));
+        let missing = PutMode::Update(UpdateVersion { e_tag: Some("nope".into()), version: None });
+        let r = store.put_opts(&Path::from("absent"), "x".into(), missing.into()).await;
+        assert!(matches!(r, Err(object_store::Error::Precondition { .. })));
+    }
+}
