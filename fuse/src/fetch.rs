@@ -612,8 +612,9 @@ mod fetch_tests {
             assert_eq!(joined, data);
         }
         let gets = repo.requests().gets - gets_before;
+        // One range read per 4 MiB, plus the pack's footer and table (read once, for amplification).
         let runs = (data.len() as u64).div_ceil(MAX_RANGE);
-        assert!(gets <= runs + 1, "{gets} range reads for a file that needs {runs}");
+        assert!(gets <= runs + 2, "{gets} reads for a file that needs {runs} range reads and one pack table");
         assert!(stats.fetched_bytes.load(Ordering::Relaxed) < 2 * data.len() as u64);
     }
 }
