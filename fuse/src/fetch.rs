@@ -252,6 +252,12 @@ impl Fetcher {
             }
             to_fetch.push(*id);
         }
+        tracing::debug!(
+            "start: missing {:?} ahead {:?} fetch {:?}",
+            missing.iter().map(|i| i.short()).collect::<Vec<_>>(),
+            ahead.iter().map(|i| i.short()).collect::<Vec<_>>(),
+            to_fetch.iter().map(|i| i.short()).collect::<Vec<_>>()
+        );
         let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
         for id in &to_fetch {
             match self.repo.locate(id) {
@@ -268,10 +274,23 @@ impl Fetcher {
         for (pack_id, mut entries) in by_pack {
             entries.sort_by_key(|e| e.offset);
             let table = self.tables.lock().expect("table lock").get(&pack_id).cloned();
-            for mut run in merge_ranges(entries) {
-                if let Some(table) = &table {
-                    amplify(&mut run, table, |id| !inflight.contains_key(id));
+            if let Some(table) = &table {
+                // Amplify each run, then merge the union: chunks of this pack are not in file
+                // order (push compresses in parallel), so amplified runs overlap each other.
+                let mut all: std::collections::BTreeMap<u32, PackEntry> =
+                    entries.iter().map(|e| (e.offset, *e)).collect();
+                let mem = self.mem.lock().expect("mem lock");
+                for mut run in merge_ranges(entries.clone()) {
+                    // Only chunks nobody has or is fetching: amplification must not fetch twice.
+                    amplify(&mut run, table, |id| {
+                        !inflight.contains_key(id) && !mem.lru.contains(id) && !self.cache.contains(id)
+                    });
+                    all.extend(run.into_iter().map(|e| (e.offset, e)));
                 }
+                drop(mem);
+                entries = all.into_values().collect();
+            }
+            for run in merge_ranges(entries) {
                 let ids: Vec<ChunkId> = run.iter().map(|e| e.id).collect();
                 let me = self.clone();
                 let task = tokio::spawn(async move { me.fetch_range(pack_id, run).await });
@@ -300,6 +319,7 @@ impl Fetcher {
         let start = run[0].offset as u64;
         let end = run.iter().map(end_of).max().unwrap_or(start);
         MountStats::bump(&self.stats.range_reads, 1);
+        tracing::debug!("range read {name} [{start}..{end}) for {} chunks", run.len());
         let got = self.repo.store().get_range(&ObjectPath::from(name.as_str()), start..end).await;
         let mut out: HashMap<ChunkId, Result<Chunk, FetchError>> = HashMap::with_capacity(run.len());
         match got {
