@@ -151,6 +151,21 @@ impl Repository {
     /// Read index segments the cache has not seen. If the cache knows segments the bucket no
     /// longer has (GC compacted them), rebuild it from scratch.
     pub async fn sync_index(&self) -> Result<()> {
+        // A garbage collection may replace segments between our listing and our reads; the
+        // replacement lists everything live, so list again and read that.
+        let mut attempts = 0;
+        loop {
+            match self.sync_index_once().await {
+                Err(Error::NotFound(what)) if what.starts_with("index/") && attempts < 5 => {
+                    tracing::debug!("{what} vanished while reading the index (gc compaction); listing again");
+                    attempts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn sync_index_once(&self) -> Result<()> {
         let listed: HashSet<Id> = self
             .list("index")
             .await?
@@ -418,9 +433,10 @@ impl Repository {
             let all = self.snapshots().await?;
             return all.into_iter().last().ok_or_else(|| Error::NotFound("any snapshot".into()));
         }
-        // A full id needs no listing: one GET (or none, from the cache) keeps mounts fast.
+        // A full id needs no listing: one GET keeps mounts fast. From the bucket, not the
+        // cache: a forgotten snapshot must not resolve.
         if let Ok(id) = spec.parse::<Id>() {
-            return Ok((id, self.load_snapshot(&id).await?));
+            return Ok((id, self.fetch_snapshot(&id).await?));
         }
         let spec_lc = spec.to_ascii_lowercase();
         if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {

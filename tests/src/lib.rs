@@ -89,6 +89,16 @@ fn free_port() -> u16 {
     }
 }
 
+fn http_answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).is_ok() && &head == b"HTTP/"
+}
+
 /// A moto S3 server on a free port of 127.0.0.1, killed on drop.
 pub struct Moto {
     child: Child,
@@ -96,24 +106,33 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// Start moto on a free port. Ready means it answered an HTTP request: a bare TCP connect
+    /// can succeed against nothing (a client socket connecting to its own ephemeral port),
+    /// and then moto finds its port taken and exits; so a start that fails is retried on
+    /// another port.
     pub fn start() -> Moto {
-        let port = free_port();
-        let mut child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server not found: run scripts/setup.sh (pip install 'moto[server]')");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
-            assert!(child.try_wait().unwrap().is_none(), "moto_server exited (port {port} taken?)");
-            std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("moto_server not found: run scripts/setup.sh (pip install 'moto[server]')");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if http_answers(port) {
+                    return Moto { child, port };
+                }
+                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        // The port answers: make sure it is our server, not one that raced us to the port.
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(child.try_wait().unwrap().is_none(), "moto_server exited (port {port} taken?)");
-        Moto { child, port }
+        panic!("moto_server did not start (5 attempts on different ports)");
     }
 
     pub fn env(&self) -> Vec<(String, String)> {
