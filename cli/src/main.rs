@@ -23,6 +23,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Exit codes, documented in `cairn --help` and docs/operations.md.
 const EXIT_ERROR: u8 = 1;
 const EXIT_DAMAGE: u8 = 3;
+/// A conditional write lost a race (a revoked push lease, a concurrent gc): retry.
+const EXIT_CONFLICT: u8 = 4;
 const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
@@ -30,7 +32,7 @@ const EXIT_INTERRUPTED: u8 = 130;
     name = "cairn",
     version,
     about = "Content-addressed snapshots of sandbox filesystems and memory images",
-    after_help = "Exit codes: 0 success, 1 error, 2 usage error, 3 check found damage, 130 interrupted.\n\
+    after_help = "Exit codes: 0 success, 1 error, 2 usage error, 3 check found damage, 4 conflict (retry), 130 interrupted.\n\
                   Logging: RUST_LOG=cairn_store=debug (to stderr)."
 )]
 struct Cli {
@@ -169,6 +171,9 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");
+            if e.chain().any(|c| matches!(c.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Conflict(_)))) {
+                return ExitCode::from(EXIT_CONFLICT);
+            }
             ExitCode::from(EXIT_ERROR)
         }
     }

@@ -172,3 +172,58 @@ fn concurrent_pushes_and_gc_on_s3_lose_nothing() {
         repo.ok(&["restore", id, out.to_str().unwrap()]);
     }
 }
+
+/// A gc that finds another run's fresh condemnation refuses (exit 4), and one that finds a
+/// stale one (a crashed run) takes over and finishes it.
+#[test]
+fn unfinished_gc_blocks_a_second_run_until_it_is_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    let repo = Repo::local(&dir);
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("f"), 100_000, 9);
+    let snap = repo.push(&src, &[]);
+    let pack = walk(&dir.join("packs"))[0].clone();
+    let pack_id = pack.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::create_dir_all(dir.join("gc")).unwrap();
+    let now = std::time::SystemTime::now();
+    let state = |started: std::time::SystemTime| {
+        format!(
+            r#"{{"format": 1, "run": "gc-crashed", "started": "{}", "condemned": ["{pack_id}"]}}"#,
+            humantime_rfc3339(started)
+        )
+    };
+    std::fs::write(dir.join("gc/state"), state(now)).unwrap();
+    let out = repo.run(&["gc"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    // An hour-old unfinished run is taken over; the live pack it condemned is not deleted.
+    std::fs::write(dir.join("gc/state"), state(now - std::time::Duration::from_secs(3600))).unwrap();
+    let run = repo.json(&["gc", "--lease-timeout", "10m"]);
+    assert_eq!(run["packs_deleted"], 0, "{run}");
+    assert!(pack.exists());
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("gc/state")).unwrap()).unwrap();
+    assert_eq!(state["condemned"].as_array().unwrap().len(), 0, "{state}");
+    let out = tmp.path().join("out");
+    repo.ok(&["restore", &snap, out.to_str().unwrap()]);
+}
+
+fn humantime_rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let out = std::process::Command::new("date").args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
