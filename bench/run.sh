@@ -10,7 +10,8 @@
 #   OUT             report path             (default: docs/benchmarks.md)
 #   BENCH_TMP       where repositories, restores and copies go (default: $BENCHDATA, so they
 #                   are on the same disk as the data); a fresh temp dir is made and removed
-#   BENCH_GROUPS    groups to run           (default: "fs mem mount"; mount = bench/mount.py, needs root)
+#   BENCH_GROUPS    groups to run           (default: "fs mem mount gc"; mount = bench/mount.py, needs root;
+#                   gc = bench/gc.py)
 #   SKIP_RESTIC=1   do not run restic;  SKIP_BASELINES=1  do not run the physical baselines
 #
 # The fs group also runs the "in place" scenario: fs-v1 is copied to a work dir W and pushed,
@@ -30,7 +31,7 @@ abspath() { # absolute path without requiring it to exist
 CAIRN=$(abspath "${CAIRN:-$ROOT/target/release/cairn}")
 BENCHDATA=$(abspath "${BENCHDATA:-$ROOT/benchdata}")
 OUT=$(abspath "${OUT:-$ROOT/docs/benchmarks.md}")
-GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem mount}
+GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem mount gc}
 SKIP_RESTIC=${SKIP_RESTIC:-0}
 SKIP_BASELINES=${SKIP_BASELINES:-0}
 export RESTIC_PASSWORD=bench
@@ -445,10 +446,10 @@ log "cairn: $CAIRN; data: $BENCHDATA; work dir: $WORK; restic: $([ "$HAVE_RESTIC
 case $CAIRN in */debug/*) log "warning: this is a debug build; the numbers will not be representative" ;; esac
 for g in $GROUPS_TO_RUN; do
   case $g in
-    mount) continue ;;
+    mount|gc) continue ;;
     fs) v1="$BENCHDATA/fs-v1"; v2="$BENCHDATA/fs-v2"; kind=fs ;;
     mem) v1="$BENCHDATA/mem-v1"; v2="$BENCHDATA/mem-v2"; kind=memory ;;
-    *) die "unknown group '$g' in BENCH_GROUPS (fs, mem, mount)" ;;
+    *) die "unknown group '$g' in BENCH_GROUPS (fs, mem, mount, gc)" ;;
   esac
   warm "$v1"; warm "$v2"
   cairn_group "$g" "$v1" "$v2" "$kind"
@@ -478,6 +479,14 @@ case " $GROUPS_TO_RUN " in
     log "mount group: bench/mount.py (adds its section to $OUT)"
     CAIRN="$CAIRN" BENCHDATA="$BENCHDATA" OUT="$OUT" BENCH_TMP="$BENCH_TMP" SKIP_RESTIC="$SKIP_RESTIC" \
       python3 "$HERE/mount.py" >/dev/null || { log "FAIL  mount group"; FAILED=$((FAILED + 1)); } ;;
+esac
+case " $GROUPS_TO_RUN " in
+  *" gc "*)
+    log "gc group: bench/gc.py (adds its section to $OUT)"
+    SYNTH="$ROOT/target/release/examples/synth_repo"
+    [ -x "$SYNTH" ] || (cd "$ROOT" && cargo build --release -q -p cairn-gc --example synth_repo) || true
+    CAIRN="$CAIRN" SYNTH="$SYNTH" BENCHDATA="$BENCHDATA" OUT="$OUT" BENCH_TMP="$BENCH_TMP" SKIP_RESTIC="$SKIP_RESTIC" \
+      python3 "$HERE/gc.py" >/dev/null || { log "FAIL  gc group"; FAILED=$((FAILED + 1)); } ;;
 esac
 log "report written to $OUT"
 cat "$OUT"

@@ -24,10 +24,14 @@ fn key(id: &Id) -> u128 {
 impl LiveSet {
     /// Mark a chunk (data, chunk list or tree page).
     pub fn insert(&mut self, id: &Id) {
-        self.ids.push(key(id));
-        if self.ids.len() > 2 * self.sorted + (1 << 20) {
+        if self.ids.len() == self.ids.capacity() {
+            // Deduplicate before growing, and grow by half rather than double: the set stays
+            // within about 24 bytes per distinct chunk at its peak.
             self.seal();
+            let room = (self.ids.len() / 2).max(1 << 16);
+            self.ids.reserve_exact(room);
         }
+        self.ids.push(key(id));
     }
 
     /// Mark a directory tree; false if it was marked before (its subtree is already done).
@@ -40,7 +44,6 @@ impl LiveSet {
     pub fn seal(&mut self) {
         self.ids.sort_unstable();
         self.ids.dedup();
-        self.ids.shrink_to_fit();
         self.sorted = self.ids.len();
     }
 

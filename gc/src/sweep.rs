@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use cairn_store::backend::RequestStats;
-use cairn_store::format::index::{self, IndexSegment, IndexedPack, MAX_CHUNKS_PER_SEGMENT};
+use cairn_store::format::index::{self, IndexSegment, MAX_CHUNKS_PER_SEGMENT};
 use cairn_store::format::lease::{GcState, Lease, LeaseState, GC_STATE};
 use cairn_store::format::pack;
 use cairn_store::format::snapshot::{self, Snapshot};
@@ -82,13 +82,14 @@ impl Phases {
     }
 }
 
-/// Everything the index says: each pack with its table, and which segments say it.
+/// The index segments, and for each indexed pack whether it holds a live chunk. Segments are
+/// read one at a time, so memory holds one segment and a flag per pack, not every table.
 struct IndexView {
     segments: Vec<Id>,
-    packs: HashMap<PackId, IndexedPack>,
+    live: HashMap<PackId, bool>,
 }
 
-async fn read_index(repo: &Repository) -> Result<IndexView> {
+async fn segment_ids(repo: &Repository) -> Result<Vec<Id>> {
     let mut segments: Vec<Id> = repo
         .list("index")
         .await?
@@ -96,18 +97,28 @@ async fn read_index(repo: &Repository) -> Result<IndexView> {
         .filter_map(|(n, _)| n.strip_prefix("index/").and_then(|h| h.parse().ok()))
         .collect();
     segments.sort();
-    let mut packs = HashMap::new();
+    Ok(segments)
+}
+
+async fn read_segment(repo: &Repository, id: &Id) -> Result<IndexSegment> {
+    let name = index::object_name(id);
+    let bytes = repo.get(&name).await?;
+    if Id::of(&bytes) != *id {
+        return Err(Error::corrupt(&name, "content does not match its id"));
+    }
+    IndexSegment::decode(&bytes, &name)
+}
+
+async fn read_index(repo: &Repository, live: &LiveSet) -> Result<IndexView> {
+    let segments = segment_ids(repo).await?;
+    let mut packs: HashMap<PackId, bool> = HashMap::new();
     for id in &segments {
-        let name = index::object_name(id);
-        let bytes = repo.get(&name).await?;
-        if Id::of(&bytes) != *id {
-            return Err(Error::corrupt(&name, "content does not match its id"));
-        }
-        for p in IndexSegment::decode(&bytes, &name)?.packs {
-            packs.insert(p.id, p);
+        for p in read_segment(repo, id).await?.packs {
+            let has_live = p.chunks.iter().any(|c| live.contains(&c.id));
+            *packs.entry(p.id).or_default() |= has_live;
         }
     }
-    Ok(IndexView { segments, packs })
+    Ok(IndexView { segments, live: packs })
 }
 
 async fn list_packs(repo: &Repository) -> Result<HashMap<PackId, u64>> {
@@ -123,7 +134,7 @@ async fn list_packs(repo: &Repository) -> Result<HashMap<PackId, u64>> {
 /// marked (shared with an earlier snapshot) are not walked again.
 async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<()> {
     // Its trees in a few whole-pack reads rather than one read per directory.
-    repo.preload_meta(&snap.meta_packs, 256 << 20).await?;
+    repo.preload_meta(&snap.meta_packs, 64 << 20).await?;
     let mut stack = vec![snap.root.clone()];
     while let Some(node) = stack.pop() {
         match &node.kind {
@@ -159,6 +170,7 @@ async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<
             _ => {}
         }
     }
+    repo.drop_preloaded();
     Ok(())
 }
 
@@ -250,7 +262,6 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         }
     }
     let leases = read_leases(repo).await?;
-    let view = read_index(repo).await?;
     let listed = list_packs(repo).await?;
     repo.sync_index().await?;
     let roots = committed(repo, &leases).await?;
@@ -259,6 +270,7 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         mark(repo, snap, &mut live).await?;
     }
     live.seal();
+    let view = read_index(repo, &live).await?;
     report.snapshots = roots.len();
     report.packs = listed.len();
     phases.done("mark");
@@ -268,10 +280,7 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     // condemned packs are considered again the same way.
     let mut condemned: HashSet<PackId> = listed
         .keys()
-        .filter(|p| match view.packs.get(p) {
-            Some(ip) => !ip.chunks.iter().any(|c| live.contains(&c.id)),
-            None => true,
-        })
+        .filter(|p| !view.live.get(p).copied().unwrap_or(false))
         .copied()
         .collect();
     if opts.dry_run {
@@ -346,7 +355,6 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     phases.done("wait for writers");
 
     // 4. Mark again: snapshots committed meanwhile may use chunks of condemned packs.
-    let view = read_index(repo).await?;
     repo.sync_index().await?;
     for (id, snap) in committed(repo, &final_leases).await? {
         if !roots.iter().any(|(r, _)| *r == id) {
@@ -355,11 +363,9 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         }
     }
     live.seal();
+    let view = read_index(repo, &live).await?;
     let before_take_back = condemned.len();
-    condemned.retain(|p| match view.packs.get(p) {
-        Some(ip) => !ip.chunks.iter().any(|c| live.contains(&c.id)),
-        None => true,
-    });
+    condemned.retain(|p| !view.live.get(p).copied().unwrap_or(false));
     report.packs_taken_back = before_take_back - condemned.len();
     if report.packs_taken_back > 0 {
         gc_state.condemned = sorted(&condemned);
@@ -381,24 +387,27 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         }
     }
 
-    // 5. One compacted index without the condemned packs; then the old segments go.
-    let mut segments = Vec::new();
-    let mut seg = IndexSegment { packs: Vec::new(), supersedes: view.segments.clone() };
-    let mut kept: Vec<&IndexedPack> = view.packs.values().filter(|p| !condemned.contains(&p.id)).collect();
-    kept.sort_by_key(|p| p.id);
-    for p in kept {
-        if seg.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !seg.packs.is_empty() {
-            segments.push(std::mem::replace(
-                &mut seg,
-                IndexSegment { packs: Vec::new(), supersedes: view.segments.clone() },
-            ));
-        }
-        seg.packs.push(p.clone());
-    }
-    segments.push(seg);
+    // 5. One compacted index without the condemned packs; then the old segments go. Read
+    // and written a segment at a time.
+    let fresh = || IndexSegment { packs: Vec::new(), supersedes: view.segments.clone() };
+    let mut seg = fresh();
+    let mut emitted: HashSet<PackId> = HashSet::new();
     let mut written = HashSet::new();
-    for s in &segments {
-        let (id, bytes) = s.encode();
+    for old in &view.segments {
+        for p in read_segment(repo, old).await?.packs {
+            if condemned.contains(&p.id) || !emitted.insert(p.id) {
+                continue;
+            }
+            if seg.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !seg.packs.is_empty() {
+                let (id, bytes) = std::mem::replace(&mut seg, fresh()).encode();
+                repo.put(&index::object_name(&id), bytes).await?;
+                written.insert(id);
+            }
+            seg.packs.push(p);
+        }
+    }
+    if !seg.packs.is_empty() || written.is_empty() {
+        let (id, bytes) = seg.encode();
         repo.put(&index::object_name(&id), bytes).await?;
         written.insert(id);
     }

@@ -249,6 +249,11 @@ impl Repository {
         Ok(())
     }
 
+    /// Drop what [`Repository::preload_meta`] holds (a walker done with one snapshot).
+    pub fn drop_preloaded(&self) {
+        self.meta.write().expect("meta lock").clear();
+    }
+
     /// Read one chunk and verify it against its id.
     pub async fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if let Some(bytes) = self.meta.read().expect("meta lock").get(id) {
