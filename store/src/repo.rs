@@ -22,6 +22,8 @@ use crate::id::{ChunkId, Id, PackId};
 
 /// How many objects are fetched at once when many are needed (index segments, snapshots).
 const FETCH_CONCURRENCY: usize = 16;
+/// Index segments decode to up to ~35 MB each (250K entries); a few at once bound memory.
+const SEGMENT_CONCURRENCY: usize = 4;
 
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
@@ -190,7 +192,7 @@ impl Repository {
             }
             Ok::<_, Error>((id, IndexSegment::decode(&bytes, &name)?))
         }))
-        .buffer_unordered(FETCH_CONCURRENCY);
+        .buffer_unordered(SEGMENT_CONCURRENCY);
         while let Some(seg) = fetches.next().await {
             let (id, seg) = seg?;
             self.cache.ingest(&id, &seg)?;
