@@ -42,6 +42,13 @@ def timed(cmd, env=None):
         return float(secs), int(rss), p.stdout.decode()
 
 
+def run(cmd, env=None):
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} failed ({p.returncode}): {p.stderr.decode()[-800:]}")
+    return p.stdout.decode()
+
+
 def du(path):
     return int(subprocess.run(["du", "-sb", path], check=True, stdout=subprocess.PIPE).stdout.split()[0])
 
@@ -64,7 +71,7 @@ def main():
             subprocess.run(["restic", "init"], env=renv, check=True, stdout=subprocess.DEVNULL)
         for version in ("fs-v1", "fs-v2"):
             subprocess.run(["rsync", "-aHAX", "--delete", f"{BENCHDATA}/{version}/", f"{w}/"], check=True)
-            subprocess.run([CAIRN, "push", w], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run([CAIRN, "push", w], env=env)
             if have_restic:
                 subprocess.run(["restic", "backup", "-q", w], env=renv, check=True, stdout=subprocess.DEVNULL)
         before = du(f"{work}/cairn")

@@ -97,6 +97,12 @@ pub struct GcArgs {
     /// Stop waiting for writers after this long (the next run continues).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_wait: std::time::Duration,
+    /// Rewrite packs whose live bytes are under this fraction of their size (0 turns it off).
+    #[arg(long, default_value_t = 0.5)]
+    pub repack_below: f64,
+    /// Read at most this much of packs to rewrite in one run (e.g. 4GiB).
+    #[arg(long, default_value = "4GiB")]
+    pub max_repack: bytesize::ByteSize,
 }
 
 pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Result<()> {
@@ -104,6 +110,8 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
         dry_run: args.dry_run,
         lease_timeout: args.lease_timeout,
         max_wait: args.max_wait,
+        repack_below: args.repack_below,
+        max_repack: args.max_repack.as_u64(),
         ..Default::default()
     };
     let r = cairn_gc::gc(repo, &opts).await?;
@@ -121,8 +129,8 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
     );
     if !r.dry_run {
         println!(
-            "index: {} segments written, {} deleted; writers: {} waited for, {} revoked, {} rolled forward; {} packs taken back",
-            r.segments_written, r.segments_deleted, r.leases_waited, r.leases_revoked, r.leases_rolled_forward, r.packs_taken_back
+            "repacked {} packs ({} written); index: {} segments written, {} deleted; writers: {} waited for, {} revoked, {} rolled forward; {} packs taken back",
+            r.packs_repacked, crate::bytes(r.bytes_repacked), r.segments_written, r.segments_deleted, r.leases_waited, r.leases_revoked, r.leases_rolled_forward, r.packs_taken_back
         );
     }
     let phases: Vec<String> = r.phases.iter().map(|(n, s)| format!("{n} {s:.2}s")).collect();

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use cairn_store::backend::RequestStats;
-use cairn_store::format::index::{self, IndexSegment, MAX_CHUNKS_PER_SEGMENT};
+use cairn_store::format::index::{self, IndexSegment, IndexedPack, MAX_CHUNKS_PER_SEGMENT};
 use cairn_store::format::lease::{GcState, Lease, LeaseState, GC_STATE};
-use cairn_store::format::pack;
+use cairn_store::format::pack::{self, PackBuilder, PackKind};
 use cairn_store::format::snapshot::{self, Snapshot};
 use cairn_store::format::tree::{Content, NodeKind, Tree};
 use cairn_store::lease::read_gc_state;
@@ -38,6 +38,10 @@ pub struct GcOptions {
     pub poll: Duration,
     /// Give up (leaving the condemnation in place for the next run) after waiting this long.
     pub max_wait: Duration,
+    /// Repack packs whose live bytes are under this fraction of their size (0 = never).
+    pub repack_below: f64,
+    /// Read at most this many bytes of packs to repack in one run.
+    pub max_repack: u64,
 }
 
 impl Default for GcOptions {
@@ -47,6 +51,8 @@ impl Default for GcOptions {
             lease_timeout: Duration::from_secs(15 * 60),
             poll: Duration::from_millis(500),
             max_wait: Duration::from_secs(3600),
+            repack_below: 0.5,
+            max_repack: 4 << 30,
         }
     }
 }
@@ -59,6 +65,9 @@ pub struct GcReport {
     pub packs: usize,
     pub packs_deleted: usize,
     pub packs_taken_back: usize,
+    /// Mostly dead packs whose live chunks were copied into new packs (then deleted).
+    pub packs_repacked: usize,
+    pub bytes_repacked: u64,
     pub bytes_freed: u64,
     pub segments_written: usize,
     pub segments_deleted: usize,
@@ -82,11 +91,25 @@ impl Phases {
     }
 }
 
-/// The index segments, and for each indexed pack whether it holds a live chunk. Segments are
-/// read one at a time, so memory holds one segment and a flag per pack, not every table.
+/// The index segments and, per indexed pack, its size, its live bytes and whether it holds a
+/// live chunk no repacked copy holds. Segments are read one at a time, so memory holds one
+/// segment and a few numbers per pack, not every table.
 struct IndexView {
     segments: Vec<Id>,
-    live: HashMap<PackId, bool>,
+    packs: HashMap<PackId, PackUse>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct PackUse {
+    len: u64,
+    live_bytes: u64,
+    needed: bool,
+}
+
+impl IndexView {
+    fn needed(&self, p: &PackId) -> bool {
+        self.packs.get(p).is_some_and(|u| u.needed)
+    }
 }
 
 async fn segment_ids(repo: &Repository) -> Result<Vec<Id>> {
@@ -109,16 +132,101 @@ async fn read_segment(repo: &Repository, id: &Id) -> Result<IndexSegment> {
     IndexSegment::decode(&bytes, &name)
 }
 
-async fn read_index(repo: &Repository, live: &LiveSet) -> Result<IndexView> {
+async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> Result<IndexView> {
     let segments = segment_ids(repo).await?;
-    let mut packs: HashMap<PackId, bool> = HashMap::new();
+    let mut packs: HashMap<PackId, PackUse> = HashMap::new();
     for id in &segments {
         for p in read_segment(repo, id).await?.packs {
-            let has_live = p.chunks.iter().any(|c| live.contains(&c.id));
-            *packs.entry(p.id).or_default() |= has_live;
+            if packs.contains_key(&p.id) {
+                continue;
+            }
+            let mut u = PackUse { len: p.len, ..Default::default() };
+            for c in &p.chunks {
+                if live.contains(&c.id) {
+                    u.live_bytes += c.stored_len as u64;
+                    u.needed |= !copied.contains(&c.id);
+                }
+            }
+            packs.insert(p.id, u);
         }
     }
-    Ok(IndexView { segments, live: packs })
+    Ok(IndexView { segments, packs })
+}
+
+/// Copy the live chunks of mostly dead packs into new packs (stored bytes as they are, each
+/// verified first) and index them. The old packs then hold nothing that is not also elsewhere
+/// and are condemned like dead ones. A chunk that fails verification is not copied, so its
+/// pack stays needed.
+async fn repack(
+    repo: &Repository,
+    view: &IndexView,
+    live: &LiveSet,
+    opts: &GcOptions,
+    copied: &mut HashSet<Id>,
+    report: &mut GcReport,
+) -> Result<HashSet<PackId>> {
+    let mut candidates: Vec<(&PackId, &PackUse)> = view
+        .packs
+        .iter()
+        .filter(|(_, u)| u.needed && u.len > 0 && (u.live_bytes as f64) < opts.repack_below * u.len as f64)
+        .collect();
+    candidates.sort_by(|a, b| {
+        let fa = a.1.live_bytes as f64 / a.1.len as f64;
+        let fb = b.1.live_bytes as f64 / b.1.len as f64;
+        fa.total_cmp(&fb).then(a.0.cmp(b.0))
+    });
+    let pack_size = repo.config().pack_size as usize;
+    let mut builders = [PackBuilder::new(PackKind::Data, pack_size), PackBuilder::new(PackKind::Meta, pack_size)];
+    let mut segment = IndexSegment::default();
+    let mut budget = opts.max_repack;
+    for (pack_id, u) in candidates {
+        if u.len > budget {
+            continue;
+        }
+        budget -= u.len;
+        let name = pack::object_name(pack_id);
+        let bytes = repo.get(&name).await?;
+        let (kind, entries) = pack::decode_table_of(&bytes, &name)?;
+        let slot = if kind == PackKind::Data { 0 } else { 1 };
+        for e in entries {
+            if !live.contains(&e.id) || copied.contains(&e.id) {
+                continue;
+            }
+            let stored = &bytes[e.offset as usize..(e.offset as u64 + e.stored_len as u64) as usize];
+            if let Err(err) = pack::open_chunk(&e, stored, &name) {
+                tracing::error!("not repacking {}: {err}", e.id);
+                continue;
+            }
+            builders[slot].add(e.id, e.raw_len, e.codec, stored);
+            copied.insert(e.id);
+            if builders[slot].len() >= pack_size {
+                let full = std::mem::replace(&mut builders[slot], PackBuilder::new(kind, pack_size));
+                store_pack(repo, full, &mut segment, report).await?;
+            }
+        }
+        report.packs_repacked += 1;
+    }
+    for b in builders {
+        if !b.is_empty() {
+            store_pack(repo, b, &mut segment, report).await?;
+        }
+    }
+    // Packs are named by content: a repacked pack can come out byte for byte as an existing
+    // one (a pack with one live chunk), which must then not be condemned.
+    let written: HashSet<PackId> = segment.packs.iter().map(|p| p.id).collect();
+    if !segment.packs.is_empty() {
+        let (id, bytes) = segment.encode();
+        repo.put(&index::object_name(&id), bytes).await?;
+    }
+    Ok(written)
+}
+
+async fn store_pack(repo: &Repository, b: PackBuilder, segment: &mut IndexSegment, report: &mut GcReport) -> Result<()> {
+    let p = b.finish();
+    repo.put(&pack::object_name(&p.id), p.bytes.clone()).await?;
+    report.bytes_repacked += p.bytes.len() as u64;
+    segment.packs.push(IndexedPack { id: p.id, kind: p.kind, len: p.bytes.len() as u64, chunks: p.entries });
+    Ok(())
 }
 
 async fn list_packs(repo: &Repository) -> Result<HashMap<PackId, u64>> {
@@ -242,6 +350,27 @@ async fn delete(store: &dyn ObjectStore, name: &str) -> Result<()> {
 }
 
 pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
+    let run = hex_id();
+    let result = run_gc(repo, opts, &run).await;
+    if result.is_err() && !opts.dry_run {
+        release_claim(repo, &run).await;
+    }
+    result
+}
+
+/// After a failed run: mark our claim finished (keeping anything condemned, which writers must
+/// still avoid), so the next run need not wait for the lease timeout. Best effort.
+async fn release_claim(repo: &Repository, run: &str) {
+    let store = repo.store().clone();
+    if let Ok(Some((mut s, v))) = read_gc_state(store.as_ref()).await {
+        if s.run == run && !s.finished {
+            s.finished = true;
+            let _ = put_state(store.as_ref(), &s, Some(&v)).await;
+        }
+    }
+}
+
+async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcReport> {
     let before = repo.requests();
     let store: Arc<dyn ObjectStore> = repo.store().clone();
     let mut report = GcReport { dry_run: opts.dry_run, ..Default::default() };
@@ -252,7 +381,7 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     if let Some((s, _)) = &state {
         let started = humantime::parse_rfc3339(&s.started).unwrap_or(SystemTime::UNIX_EPOCH);
         let recent = SystemTime::now().duration_since(started).unwrap_or_default() < opts.lease_timeout;
-        if !s.condemned.is_empty() && recent && !opts.dry_run {
+        if !s.finished && recent && !opts.dry_run {
             return Err(Error::Conflict(format!(
                 "garbage collection {} started at {} has not finished; if it died, run gc again after {}",
                 s.run,
@@ -260,6 +389,20 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
                 humantime::format_duration(opts.lease_timeout)
             )));
         }
+    }
+    // Claim gc/state (conditionally) so two runs cannot interleave; keep what an unfinished
+    // earlier run condemned until this run has decided about it.
+    let run = run.to_string();
+    let mut version = None;
+    let mut gc_state = GcState {
+        format: 1,
+        run: run.clone(),
+        started: now(),
+        condemned: state.as_ref().map(|(s, _)| s.condemned.clone()).unwrap_or_default(),
+        finished: false,
+    };
+    if !opts.dry_run {
+        version = Some(put_state(store.as_ref(), &gc_state, state.as_ref().map(|(_, v)| v)).await?);
     }
     let leases = read_leases(repo).await?;
     let listed = list_packs(repo).await?;
@@ -270,7 +413,9 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         mark(repo, snap, &mut live).await?;
     }
     live.seal();
-    let view = read_index(repo, &live).await?;
+    let mut copied: HashSet<Id> = HashSet::new();
+    let mut protected: HashSet<PackId> = HashSet::new();
+    let mut view = read_index(repo, &live, &copied).await?;
     report.snapshots = roots.len();
     report.packs = listed.len();
     phases.done("mark");
@@ -280,7 +425,7 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     // condemned packs are considered again the same way.
     let mut condemned: HashSet<PackId> = listed
         .keys()
-        .filter(|p| !view.live.get(p).copied().unwrap_or(false))
+        .filter(|p| !view.needed(p))
         .copied()
         .collect();
     if opts.dry_run {
@@ -292,10 +437,23 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         return Ok(report);
     }
 
-    // 2. Condemn, in gc/state.
-    let run = hex_id();
-    let mut gc_state = GcState { format: 1, run: run.clone(), started: now(), condemned: sorted(&condemned) };
-    let mut version = put_state(store.as_ref(), &gc_state, state.as_ref().map(|(_, v)| v)).await?;
+    // Repack mostly dead packs; their originals then join the condemned.
+    if opts.repack_below > 0.0 {
+        let new_packs = repack(repo, &view, &live, opts, &mut copied, &mut report).await?;
+        if report.packs_repacked > 0 {
+            view = read_index(repo, &live, &copied).await?;
+            condemned.extend(listed.keys().filter(|p| view.packs.contains_key(p) && !view.needed(p)));
+            condemned.retain(|p| !new_packs.contains(p));
+            protected = new_packs;
+        }
+        phases.done("repack");
+    }
+
+    // 2. Condemn, in gc/state (with the earlier run's condemned: a superset is safe).
+    let mut all_condemned = condemned.clone();
+    all_condemned.extend(gc_state.condemned.iter().copied());
+    gc_state.condemned = sorted(&all_condemned);
+    let mut version = put_state(store.as_ref(), &gc_state, version.as_ref()).await?;
     phases.done("condemn");
 
     // 3. Wait for every lease that may predate the condemnation.
@@ -363,9 +521,9 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
         }
     }
     live.seal();
-    let view = read_index(repo, &live).await?;
+    let view = read_index(repo, &live, &copied).await?;
     let before_take_back = condemned.len();
-    condemned.retain(|p| !view.live.get(p).copied().unwrap_or(false));
+    condemned.retain(|p| !view.needed(p) && !protected.contains(p));
     report.packs_taken_back = before_take_back - condemned.len();
     if report.packs_taken_back > 0 {
         gc_state.condemned = sorted(&condemned);
@@ -430,6 +588,7 @@ pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
 
     // 7. Done: nothing is condemned any more.
     gc_state.condemned.clear();
+    gc_state.finished = true;
     put_state(store.as_ref(), &gc_state, Some(&version)).await?;
     repo.sync_index().await?;
     report.requests = delta(before, repo.requests());
@@ -444,8 +603,10 @@ fn sorted(set: &HashSet<PackId>) -> Vec<PackId> {
 }
 
 fn hex_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RUNS: AtomicU64 = AtomicU64::new(0);
     let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("gc-{t:x}-{}", std::process::id())
+    format!("gc-{t:x}-{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed))
 }
 
 fn delta(a: RequestStats, b: RequestStats) -> RequestStats {

@@ -227,3 +227,31 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A pack that is mostly dead is rewritten: its live chunks move to a new pack and the old one
+/// goes, so forgetting an old version frees its own bytes even when they share a pack.
+#[test]
+fn gc_repacks_mostly_dead_packs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("old"), 3 << 20, 11);
+    write_random(&src.join("kept"), 512 << 10, 12);
+    repo.push(&src, &[]);
+    std::fs::remove_file(src.join("old")).unwrap();
+    write_random(&src.join("new"), 256 << 10, 13);
+    let latest = repo.push(&src, &[]);
+    repo.ok(&["forget", "--keep-last", "1"]);
+    let kept_only = repo.json(&["gc", "--repack-below", "0"]);
+    assert!(kept_only["bytes_freed"].as_u64().unwrap() < 1 << 20, "without repacking the mixed pack stays: {kept_only}");
+    let run = repo.json(&["gc"]);
+    assert!(run["packs_repacked"].as_u64().unwrap() >= 1, "{run}");
+    assert!(run["bytes_freed"].as_u64().unwrap() >= 3 << 20, "{run}");
+    let check = repo.json(&["check", "--read-data"]);
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    let out = tmp.path().join("out");
+    repo.ok(&["restore", &latest, out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+}

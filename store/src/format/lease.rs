@@ -63,6 +63,10 @@ pub struct GcState {
     pub started: String,
     /// Packs that run will delete unless a writer turns out to need them.
     pub condemned: Vec<PackId>,
+    /// Set by the run when it is done. An unfinished state younger than the lease timeout
+    /// means a GC is running: others refuse to start (one GC at a time).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 impl GcState {
