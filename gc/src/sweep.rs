@@ -102,6 +102,9 @@ struct IndexView {
 #[derive(Default, Clone, Copy)]
 struct PackUse {
     len: u64,
+    /// Stored bytes of all its chunks, and of its live ones (tables and headers left out, so
+    /// packs of tiny chunks do not look mostly dead).
+    chunk_bytes: u64,
     live_bytes: u64,
     needed: bool,
 }
@@ -142,6 +145,7 @@ async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> 
             }
             let mut u = PackUse { len: p.len, ..Default::default() };
             for c in &p.chunks {
+                u.chunk_bytes += c.stored_len as u64;
                 if live.contains(&c.id) {
                     u.live_bytes += c.stored_len as u64;
                     u.needed |= !copied.contains(&c.id);
@@ -168,11 +172,13 @@ async fn repack(
     let mut candidates: Vec<(&PackId, &PackUse)> = view
         .packs
         .iter()
-        .filter(|(_, u)| u.needed && u.len > 0 && (u.live_bytes as f64) < opts.repack_below * u.len as f64)
+        .filter(|(_, u)| {
+            u.needed && u.chunk_bytes > 0 && (u.live_bytes as f64) < opts.repack_below * u.chunk_bytes as f64
+        })
         .collect();
     candidates.sort_by(|a, b| {
-        let fa = a.1.live_bytes as f64 / a.1.len as f64;
-        let fb = b.1.live_bytes as f64 / b.1.len as f64;
+        let fa = a.1.live_bytes as f64 / a.1.chunk_bytes as f64;
+        let fb = b.1.live_bytes as f64 / b.1.chunk_bytes as f64;
         fa.total_cmp(&fb).then(a.0.cmp(b.0))
     });
     let pack_size = repo.config().pack_size as usize;
