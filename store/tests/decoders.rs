@@ -4,6 +4,8 @@
 
 use cairn_store::format::config::{Chunking, Config};
 use cairn_store::format::index::{IndexSegment, IndexedPack};
+use cairn_store::format::lease::{GcState, Lease, LeaseState};
+use cairn_store::format::trace::Trace;
 use cairn_store::format::pack::{self, PackBuilder, PackKind};
 use cairn_store::format::tree::{self, check_name, Content, Extent, Node, NodeKind, Tree};
 use cairn_store::{Id, Snapshot};
@@ -77,6 +79,17 @@ fn check_all(data: &[u8]) {
     let _ = tree::decode_list(data, &tree::ListPage { id: Id::of(data), len: 3 }, "t");
     let _ = Snapshot::decode_unchecked(data, "t");
     let _ = Config::decode(data);
+    let _ = Trace::decode(data, "t");
+    if let Ok(l) = Lease::decode(data, "t") {
+        if let LeaseState::Committed { snapshot, root } = &l.state {
+            assert_eq!(Id::of(root.as_bytes()), *snapshot, "a committed lease must embed its root");
+        }
+    }
+    let _ = GcState::decode(data);
+}
+
+fn sample_trace() -> Vec<u8> {
+    Trace { chunks: vec![Id::of(b"a"), Id::of(b"b"), Id::of(b"c")] }.encode()
 }
 
 proptest! {
@@ -88,11 +101,12 @@ proptest! {
     }
 
     #[test]
-    fn mutated_objects(which in 0..4usize, edits in prop::collection::vec((any::<usize>(), 1u8..), 1..4), cut in any::<usize>()) {
+    fn mutated_objects(which in 0..5usize, edits in prop::collection::vec((any::<usize>(), 1u8..), 1..4), cut in any::<usize>()) {
         let base = match which {
             0 => sample_pack(),
             1 => sample_tree(),
             2 => sample_index(),
+            3 => sample_trace(),
             _ => Config::new(Chunking::default()).unwrap().encode(),
         };
         let data = mutate(base, &edits, cut);
