@@ -79,7 +79,12 @@ pub async fn forget(repo: &cairn_store::Repository, args: &ForgetArgs, json: boo
             (false, true) => "would remove",
             (false, false) => "remove",
         };
-        println!("  {verb} {} {}  {}", d.id.short(), d.time.get(..19).unwrap_or(&d.time), d.reasons.join(", "));
+        println!(
+            "  {verb} {} {}  {}",
+            d.id.short(),
+            d.time.get(..19).unwrap_or(&d.time),
+            d.reasons.join(", ")
+        );
     }
     let done = if report.dry_run { "would remove" } else { "removed" };
     println!("{} kept, {} {done} (chunks are freed by `cairn gc`)", report.kept, report.removed);
@@ -134,6 +139,14 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
         );
     }
     let phases: Vec<String> = r.phases.iter().map(|(n, s)| format!("{n} {s:.2}s")).collect();
-    println!("{} requests ({} GET, {} PUT, {} DELETE, {} LIST); {}", r.requests.requests(), r.requests.gets, r.requests.puts, r.requests.deletes, r.requests.lists, phases.join(", "));
+    println!(
+        "{} requests ({} GET, {} PUT, {} DELETE, {} LIST); {}",
+        r.requests.requests(),
+        r.requests.gets,
+        r.requests.puts,
+        r.requests.deletes,
+        r.requests.lists,
+        phases.join(", ")
+    );
     Ok(())
 }

@@ -132,7 +132,8 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fuser=error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,fuser=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -171,7 +172,9 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| matches!(c.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Conflict(_)))) {
+            if e.chain().any(|c| {
+                matches!(c.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Conflict(_)))
+            }) {
                 return ExitCode::from(EXIT_CONFLICT);
             }
             ExitCode::from(EXIT_ERROR)

@@ -105,7 +105,11 @@ pub async fn mount(
     let mounted = cairn_fuse::mount(Arc::new(repo), cache, id, &snap, &args.mountpoint, opts)
         .await
         .with_context(|| format!("mounting snapshot {} on {}", id.short(), args.mountpoint.display()))?;
-    eprintln!("mounted snapshot {} on {} (Ctrl-C or `cairn umount` to stop)", id.short(), args.mountpoint.display());
+    eprintln!(
+        "mounted snapshot {} on {} (Ctrl-C or `cairn umount` to stop)",
+        id.short(),
+        args.mountpoint.display()
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -153,7 +157,11 @@ pub fn cache(cache_root: &Path, cmd: &CacheCommand, json: bool) -> Result<()> {
                 println!("cache dir   {}", s.dir.display());
                 if s.owner {
                     println!("chunks      {}", s.chunks);
-                    println!("used        {} of {} cap", crate::bytes(s.used_bytes), crate::bytes(s.max_bytes));
+                    println!(
+                        "used        {} of {} cap",
+                        crate::bytes(s.used_bytes),
+                        crate::bytes(s.max_bytes)
+                    );
                 } else {
                     println!("used        unknown: a running mount owns the cache");
                 }

@@ -98,7 +98,10 @@ impl ChunkCache {
         match cache.take_ownership() {
             Ok(owned) => *cache.owned.lock().expect("cache lock") = Some(owned),
             Err(CacheError::Busy(_)) => {
-                tracing::info!("chunk cache {} is owned by another process; reading it only", cache.dir().display())
+                tracing::info!(
+                    "chunk cache {} is owned by another process; reading it only",
+                    cache.dir().display()
+                )
             }
             Err(e) => return Err(e),
         }
@@ -124,14 +127,8 @@ impl ChunkCache {
         let tmp = self.cfg.dir.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| CacheError::Io { dir: dir.clone(), source: e })?;
-        let mut owned = Owned {
-            db,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-            used: 0,
-            next_seq: 0,
-            evictions: 0,
-        };
+        let mut owned =
+            Owned { db, entries: HashMap::new(), order: BTreeMap::new(), used: 0, next_seq: 0, evictions: 0 };
         let mut records = Vec::new();
         for item in owned.db.iterator(rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(|e| CacheError::Db { dir: dir.clone(), source: e })?;
@@ -411,12 +408,9 @@ mod tests {
     #[test]
     fn damaged_file_is_a_miss_not_wrong_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(CacheConfig {
-            dir: dir.path().into(),
-            max_bytes: 1 << 20,
-            min_free_bytes: 0,
-        })
-        .unwrap();
+        let cache =
+            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
+                .unwrap();
         let (id, bytes) = chunk(1, 5000);
         cache.insert(&id, &bytes);
         std::fs::write(cache.path_of(&id), b"not the chunk").unwrap();

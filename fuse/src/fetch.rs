@@ -142,7 +142,11 @@ impl Fetcher {
 
     /// The `wanted` chunks, in order. `ahead` are chunks the caller will probably want next:
     /// they ride along in the same range reads and are cached, but nobody waits for them.
-    pub async fn chunks(self: &Arc<Self>, wanted: &[ChunkId], ahead: &[ChunkId]) -> Result<Vec<Chunk>, FetchError> {
+    pub async fn chunks(
+        self: &Arc<Self>,
+        wanted: &[ChunkId],
+        ahead: &[ChunkId],
+    ) -> Result<Vec<Chunk>, FetchError> {
         if let Some(t) = self.trace.lock().expect("trace lock").as_mut() {
             for id in wanted {
                 if t.seen.insert(*id) {
@@ -177,7 +181,8 @@ impl Fetcher {
         }
         let ahead: Vec<ChunkId> = ahead.iter().filter(|id| !self.cache.contains(id)).copied().collect();
         self.demand_active.fetch_add(1, Ordering::SeqCst);
-        let packs: HashSet<PackId> = missing.iter().filter_map(|id| self.repo.locate(id).ok()).map(|l| l.pack).collect();
+        let packs: HashSet<PackId> =
+            missing.iter().filter_map(|id| self.repo.locate(id).ok()).map(|l| l.pack).collect();
         for pack in packs {
             self.pack_table(pack).await;
         }
@@ -447,7 +452,8 @@ impl Fetcher {
         }
         let name = pack::object_name(&pack_id);
         let path = ObjectPath::from(name.as_str());
-        let suffix = GetOptions { range: Some(GetRange::Suffix(pack::FOOTER_LEN as u64)), ..Default::default() };
+        let suffix =
+            GetOptions { range: Some(GetRange::Suffix(pack::FOOTER_LEN as u64)), ..Default::default() };
         let got = self.repo.store().get_opts(&path, suffix).await.ok()?;
         let len = got.meta.size;
         let footer = pack::Footer::decode(&got.bytes().await.ok()?, &name).ok()?;
@@ -614,8 +620,12 @@ mod fetch_tests {
 
         let repo = Arc::new(repo);
         let cache = Arc::new(
-            ChunkCache::open(CacheConfig { dir: tmp.path().join("cc"), max_bytes: 64 << 20, min_free_bytes: 0 })
-                .unwrap(),
+            ChunkCache::open(CacheConfig {
+                dir: tmp.path().join("cc"),
+                max_bytes: 64 << 20,
+                min_free_bytes: 0,
+            })
+            .unwrap(),
         );
         let stats = Arc::new(MountStats::default());
         let fetcher = Arc::new(Fetcher::new(repo.clone(), cache, stats.clone(), 64 << 20, false));

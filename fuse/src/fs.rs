@@ -17,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cairn_store::format::tree::{self, Content, Extent, Node, NodeKind, Tree};
 use cairn_store::{Id, Snapshot};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::fetch::Fetcher;
@@ -132,7 +132,12 @@ fn eio(what: &str, e: impl std::fmt::Display) -> Errno {
 }
 
 impl Inner {
-    pub fn new(fetcher: Arc<Fetcher>, stats: Arc<MountStats>, rt: tokio::runtime::Handle, snap: &Snapshot) -> Inner {
+    pub fn new(
+        fetcher: Arc<Fetcher>,
+        stats: Arc<MountStats>,
+        rt: tokio::runtime::Handle,
+        snap: &Snapshot,
+    ) -> Inner {
         let (root, synthetic_root) = if snap.root.is_dir() {
             (Arc::new(snap.root.clone()), None)
         } else {
@@ -149,7 +154,10 @@ impl Inner {
             (Arc::new(dir), Some(Arc::new(vec![snap.root.clone()])))
         };
         let mut inodes = Inodes::default();
-        inodes.map.insert(1, Inode { node: root.clone(), parent: 1, lookups: 1, key: None, file: None, handle: None });
+        inodes.map.insert(
+            1,
+            Inode { node: root.clone(), parent: 1, lookups: 1, key: None, file: None, handle: None },
+        );
         Inner {
             fetcher,
             stats,
@@ -197,7 +205,9 @@ impl Inner {
             return Ok(t.clone());
         }
         let bytes = self.fetcher.chunk(id).await.map_err(|e| eio("reading a directory", e))?;
-        let t = Arc::new(Tree::decode(&bytes, &format!("tree {id}")).map_err(|e| eio("decoding a directory", e))?);
+        let t = Arc::new(
+            Tree::decode(&bytes, &format!("tree {id}")).map_err(|e| eio("decoding a directory", e))?,
+        );
         self.trees.lock().expect("tree lock").put(id, t.clone());
         Ok(t)
     }
@@ -318,7 +328,8 @@ impl Inner {
         if let Some(candidates) = keys.get(&key) {
             for ino in candidates {
                 if let Some(i) = map.get_mut(ino) {
-                    let same = matches!(key, Key::Link(_)) || i.key.as_ref().is_some_and(|(_, n)| n == &node.name);
+                    let same =
+                        matches!(key, Key::Link(_)) || i.key.as_ref().is_some_and(|(_, n)| n == &node.name);
                     if same {
                         i.lookups += 1;
                         return attr(*ino, &i.node);
@@ -395,7 +406,8 @@ impl Inner {
             Content::Extents(e) => e.clone(),
             Content::Lists(pages) => {
                 let ids: Vec<Id> = pages.iter().map(|p| p.id).collect();
-                let lists = self.fetcher.chunks(&ids, &[]).await.map_err(|e| eio("reading a chunk list", e))?;
+                let lists =
+                    self.fetcher.chunks(&ids, &[]).await.map_err(|e| eio("reading a chunk list", e))?;
                 let mut out = Vec::new();
                 for (page, bytes) in pages.iter().zip(lists) {
                     let object = format!("chunk list {}", page.id);
@@ -423,7 +435,8 @@ impl Inner {
         }
         let ahead = {
             let mut ra = handle.ahead.lock().expect("read-ahead lock");
-            ra.window = if offset == ra.next { (ra.window * 2).clamp(MIN_AHEAD, MAX_AHEAD) } else { MIN_AHEAD };
+            ra.window =
+                if offset == ra.next { (ra.window * 2).clamp(MIN_AHEAD, MAX_AHEAD) } else { MIN_AHEAD };
             ra.next = end;
             if end + ra.window / 2 > ra.until && end < file.size {
                 let from = ra.until.max(end);
@@ -450,7 +463,12 @@ struct ReadPlan {
 }
 
 /// The bytes `[offset, plan.end)` of a file from its chunks (in `plan.wanted` order) and holes.
-fn assemble(file: &FileMap, offset: u64, plan: &ReadPlan, chunks: &[crate::fetch::Chunk]) -> Result<Vec<u8>, Errno> {
+fn assemble(
+    file: &FileMap,
+    offset: u64,
+    plan: &ReadPlan,
+    chunks: &[crate::fetch::Chunk],
+) -> Result<Vec<u8>, Errno> {
     let end = plan.end;
     if offset >= end {
         return Ok(Vec::new());
@@ -694,7 +712,14 @@ impl Filesystem for SnapshotFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Nothing to flush in a read-only mount; ENOSYS tells the kernel to stop asking.
         reply.error(Errno::ENOSYS);
     }
@@ -745,7 +770,12 @@ impl Filesystem for SnapshotFs {
                     for (i, n) in nodes.iter().enumerate() {
                         // Plain readdir hands out no references, so no inode is taken here.
                         let fake_ino = u64::MAX - hash_name(&n.name) % (1 << 40);
-                        if reply.add(INodeNo(fake_ino), at + i as u64 + 1, file_type(&n.kind), OsStr::from_bytes(&n.name)) {
+                        if reply.add(
+                            INodeNo(fake_ino),
+                            at + i as u64 + 1,
+                            file_type(&n.kind),
+                            OsStr::from_bytes(&n.name),
+                        ) {
                             break;
                         }
                     }
@@ -794,8 +824,14 @@ impl Filesystem for SnapshotFs {
                     for (i, n) in nodes.into_iter().enumerate() {
                         let name = n.name.clone();
                         let a = inner.remember(ino.0, n);
-                        let full =
-                            reply.add(a.ino, at + i as u64 + 1, OsStr::from_bytes(&name), &TTL, &a, Generation(0));
+                        let full = reply.add(
+                            a.ino,
+                            at + i as u64 + 1,
+                            OsStr::from_bytes(&name),
+                            &TTL,
+                            &a,
+                            Generation(0),
+                        );
                         if full {
                             // Not sent, so the kernel holds no reference for it.
                             inner.forget(a.ino.0, 1);

@@ -183,10 +183,11 @@ impl MountedSnapshot {
 
     /// Ask the kernel to unmount; [`MountedSnapshot::finish`] then returns.
     pub fn unmount(&self) -> Result<(), MountError> {
-        self.unmounter.lock().expect("unmounter lock").unmount().map_err(|e| MountError::Unmount {
-            path: self.mountpoint.clone(),
-            message: e.to_string(),
-        })
+        self.unmounter
+            .lock()
+            .expect("unmounter lock")
+            .unmount()
+            .map_err(|e| MountError::Unmount { path: self.mountpoint.clone(), message: e.to_string() })
     }
 
     /// Wait for the session to end, then save the trace and the final counters.
@@ -361,7 +362,8 @@ pub fn unmount(path: &Path) -> Result<(), MountError> {
         return Ok(());
     }
     // Busy or disconnected: detach it so new opens fail and it goes once unused.
-    let lazy = run(&["-u", "-z"]).map_err(|e| MountError::Unmount { path: path.into(), message: e.to_string() })?;
+    let lazy =
+        run(&["-u", "-z"]).map_err(|e| MountError::Unmount { path: path.into(), message: e.to_string() })?;
     if lazy.status.success() {
         tracing::warn!("{} was busy or stale; detached it lazily", path.display());
         return Ok(());

@@ -16,7 +16,16 @@ use cairn_store::{Id, Repository};
 const PACK_CHUNKS: usize = 100_000;
 
 fn node(name: String, kind: NodeKind) -> Node {
-    Node { name: name.into_bytes(), kind, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0, xattrs: vec![], link_group: None }
+    Node {
+        name: name.into_bytes(),
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+        xattrs: vec![],
+        link_group: None,
+    }
 }
 
 struct Writer<'a> {
@@ -94,7 +103,10 @@ async fn main() {
             next += 1;
         }
         let size = 16 * extents.len() as u64;
-        files.push(node(format!("f{:06}", files.len()), NodeKind::File { size, content: Content::Extents(extents) }));
+        files.push(node(
+            format!("f{:06}", files.len()),
+            NodeKind::File { size, content: Content::Extents(extents) },
+        ));
         if files.len() == 1000 || next == n {
             let objects = Tree::build(std::mem::take(&mut files));
             let top = objects.last().unwrap().id;

@@ -83,7 +83,9 @@ pub fn decide(snaps: &[(Id, Snapshot)], policy: &Policy, now: SystemTime) -> Vec
         let buckets: [(&str, Option<usize>, fn(SystemTime) -> String); 5] = [
             ("hourly", policy.keep_hourly, |t| fmt(t)[..13].to_string()),
             ("daily", policy.keep_daily, |t| fmt(t)[..10].to_string()),
-            ("weekly", policy.keep_weekly, |t| format!("week {}", (secs(t).div_euclid(86400) + 3).div_euclid(7))),
+            ("weekly", policy.keep_weekly, |t| {
+                format!("week {}", (secs(t).div_euclid(86400) + 3).div_euclid(7))
+            }),
             ("monthly", policy.keep_monthly, |t| fmt(t)[..7].to_string()),
             ("yearly", policy.keep_yearly, |t| fmt(t)[..4].to_string()),
         ];
@@ -114,12 +116,11 @@ pub fn decide(snaps: &[(Id, Snapshot)], policy: &Policy, now: SystemTime) -> Vec
                 .filter(|(k, v)| s.1.tags.get(k) == Some(v))
                 .map(|(k, v)| format!("tag {k}={v}"))
                 .collect();
-            let expired = s
-                .1
-                .expires
-                .as_deref()
-                .and_then(|e| humantime::parse_rfc3339(e).ok())
-                .is_some_and(|e| e <= now);
+            let expired =
+                s.1.expires
+                    .as_deref()
+                    .and_then(|e| humantime::parse_rfc3339(e).ok())
+                    .is_some_and(|e| e <= now);
             let (keep, why) = if !pinned.is_empty() {
                 (true, pinned)
             } else if expired {
@@ -192,7 +193,11 @@ mod tests {
         let d = decide(&snaps, &policy, at(50.0));
         assert_eq!(kept(&d), 7, "{d:#?}");
         let within = Policy { keep_within: Some(Duration::from_secs(2 * DAY)), ..Default::default() };
-        assert_eq!(kept(&decide(&snaps, &within, at(50.0))), 9, "two days back from the newest, not from now");
+        assert_eq!(
+            kept(&decide(&snaps, &within, at(50.0))),
+            9,
+            "two days back from the newest, not from now"
+        );
     }
 
     #[test]
@@ -203,7 +208,11 @@ mod tests {
             snap("a", at(0.2), Some(at(9.0)), &[]),
             snap("b", at(0.0), None, &[]),
         ];
-        let d = decide(&snaps, &Policy { keep_tags: vec![("pin".into(), "yes".into())], ..Default::default() }, at(2.0));
+        let d = decide(
+            &snaps,
+            &Policy { keep_tags: vec![("pin".into(), "yes".into())], ..Default::default() },
+            at(2.0),
+        );
         let keep: Vec<bool> = snaps.iter().map(|s| d.iter().find(|x| x.id == s.0).unwrap().keep).collect();
         // Expired goes; pinned stays; not yet expired... has no matching rule under a policy.
         assert_eq!(keep, vec![false, true, false, false]);

@@ -182,7 +182,8 @@ async fn repack(
         fa.total_cmp(&fb).then(a.0.cmp(b.0))
     });
     let pack_size = repo.config().pack_size as usize;
-    let mut builders = [PackBuilder::new(PackKind::Data, pack_size), PackBuilder::new(PackKind::Meta, pack_size)];
+    let mut builders =
+        [PackBuilder::new(PackKind::Data, pack_size), PackBuilder::new(PackKind::Meta, pack_size)];
     let mut segment = IndexSegment::default();
     let mut budget = opts.max_repack;
     for (pack_id, u) in candidates {
@@ -227,7 +228,12 @@ async fn repack(
     Ok(written)
 }
 
-async fn store_pack(repo: &Repository, b: PackBuilder, segment: &mut IndexSegment, report: &mut GcReport) -> Result<()> {
+async fn store_pack(
+    repo: &Repository,
+    b: PackBuilder,
+    segment: &mut IndexSegment,
+    report: &mut GcReport,
+) -> Result<()> {
     let p = b.finish();
     repo.put(&pack::object_name(&p.id), p.bytes.clone()).await?;
     report.bytes_repacked += p.bytes.len() as u64;
@@ -263,7 +269,9 @@ async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<
                             live.insert(&p.id);
                             match repo.read_tree(&p.id).await? {
                                 Tree::Leaf(nodes) => stack.extend(nodes),
-                                Tree::Pages(_) => return Err(Error::corrupt(format!("tree {}", p.id), "nested pages")),
+                                Tree::Pages(_) => {
+                                    return Err(Error::corrupt(format!("tree {}", p.id), "nested pages"))
+                                }
                             }
                         }
                     }
@@ -331,13 +339,21 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-async fn put_state(store: &dyn ObjectStore, state: &GcState, prev: Option<&UpdateVersion>) -> Result<UpdateVersion> {
+async fn put_state(
+    store: &dyn ObjectStore,
+    state: &GcState,
+    prev: Option<&UpdateVersion>,
+) -> Result<UpdateVersion> {
     let mode = match prev {
         Some(v) => PutMode::Update(v.clone()),
         None => PutMode::Create,
     };
     let r = store
-        .put_opts(&ObjectPath::from(GC_STATE), PutPayload::from(state.encode()), PutOptions { mode, ..Default::default() })
+        .put_opts(
+            &ObjectPath::from(GC_STATE),
+            PutPayload::from(state.encode()),
+            PutOptions { mode, ..Default::default() },
+        )
         .await
         .map_err(|e| match e {
             object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => {
@@ -429,11 +445,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     // Packs holding nothing live: indexed ones by their tables, unindexed ones (a push that
     // died, or one in flight: the lease wait below protects those) whole. A previous run's
     // condemned packs are considered again the same way.
-    let mut condemned: HashSet<PackId> = listed
-        .keys()
-        .filter(|p| !view.needed(p))
-        .copied()
-        .collect();
+    let mut condemned: HashSet<PackId> = listed.keys().filter(|p| !view.needed(p)).copied().collect();
     if opts.dry_run {
         report.packs_deleted = condemned.len();
         report.bytes_freed = condemned.iter().map(|p| listed[p]).sum();
@@ -490,9 +502,8 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
                         match put {
                             Ok(_) => report.leases_revoked += 1,
                             // The writer moved first (heartbeat or commit): look again.
-                            Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::NotFound { .. }) => {
-                                pending += 1
-                            }
+                            Err(object_store::Error::Precondition { .. })
+                            | Err(object_store::Error::NotFound { .. }) => pending += 1,
                             Err(e) => return Err(Error::store(&l.name, e)),
                         }
                     } else {
@@ -626,4 +637,3 @@ fn delta(a: RequestStats, b: RequestStats) -> RequestStats {
         bytes_up: b.bytes_up - a.bytes_up,
     }
 }
-

@@ -47,7 +47,11 @@ impl ObjectStore for Faulty {
     async fn put_opts(&self, l: &Path, p: PutPayload, o: PutOptions) -> object_store::Result<PutResult> {
         self.inner.put_opts(l, p, o).await
     }
-    async fn put_multipart_opts(&self, l: &Path, o: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+    async fn put_multipart_opts(
+        &self,
+        l: &Path,
+        o: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.inner.put_multipart_opts(l, o).await
     }
     async fn get_opts(&self, l: &Path, o: GetOptions) -> object_store::Result<GetResult> {
@@ -62,7 +66,10 @@ impl ObjectStore for Faulty {
         }
         self.inner.get_ranges(l, r).await
     }
-    fn delete_stream(&self, s: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+    fn delete_stream(
+        &self,
+        s: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
         self.inner.delete_stream(s)
     }
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -71,7 +78,11 @@ impl ObjectStore for Faulty {
         }
         self.inner.list(prefix)
     }
-    fn list_with_offset(&self, prefix: Option<&Path>, o: &Path) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        o: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         self.inner.list_with_offset(prefix, o)
     }
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
@@ -102,10 +113,16 @@ async fn list_or_read_errors_before_the_sweep_delete_nothing() {
     // Every failure point GC passes before it may delete: snapshots, trees/packs, index, leases.
     for prefix in ["snapshots", "packs", "index", "leases", "gc"] {
         let inner = Arc::new(InMemory::new());
-        let faulty = Arc::new(Faulty { inner: inner.clone(), prefix: prefix.into(), armed: AtomicBool::new(false) });
-        let repo = Repository::init_on(faulty.clone(), "memory://", Chunking::default(), &tmp.path().join(format!("c-{prefix}")))
-            .await
-            .unwrap();
+        let faulty =
+            Arc::new(Faulty { inner: inner.clone(), prefix: prefix.into(), armed: AtomicBool::new(false) });
+        let repo = Repository::init_on(
+            faulty.clone(),
+            "memory://",
+            Chunking::default(),
+            &tmp.path().join(format!("c-{prefix}")),
+        )
+        .await
+        .unwrap();
         let opts = PushOptions {
             source: src.clone(),
             kind: Kind::Fs,
@@ -125,7 +142,11 @@ async fn list_or_read_errors_before_the_sweep_delete_nothing() {
         let deletes_before = repo.requests().deletes;
         let result = gc(&repo, &GcOptions::default()).await;
         assert!(result.is_err(), "gc went on despite failing reads of {prefix}/");
-        assert_eq!(repo.requests().deletes, deletes_before, "gc deleted something after a failure in {prefix}/");
+        assert_eq!(
+            repo.requests().deletes,
+            deletes_before,
+            "gc deleted something after a failure in {prefix}/"
+        );
         assert!(object_count(&inner).await >= objects, "objects disappeared ({prefix})");
         // Disarmed, the same gc frees the garbage.
         faulty.armed.store(false, Ordering::SeqCst);

@@ -97,13 +97,22 @@ impl SimStore {
 
 #[async_trait]
 impl ObjectStore for SimStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         self.step().await?;
         let r = self.inner.put_opts(location, payload, opts).await;
         self.after_write();
         r
     }
-    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.step().await?;
         self.inner.put_multipart_opts(location, opts).await
     }
@@ -115,7 +124,10 @@ impl ObjectStore for SimStore {
         self.step().await?;
         self.inner.get_ranges(location, ranges).await
     }
-    fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
         use futures::StreamExt;
         let inner = self.inner.clone();
         let world = self.world.clone();
@@ -148,7 +160,11 @@ impl ObjectStore for SimStore {
         }
         self.inner.list(prefix)
     }
-    fn list_with_offset(&self, prefix: Option<&Path>, offset: &Path) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         self.inner.list_with_offset(prefix, offset)
     }
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
@@ -212,7 +228,10 @@ fn check(store: &InMemory) -> Result<(), String> {
             } else if name.starts_with("leases/") {
                 let lease = Lease::decode(&bytes().await, &name).map_err(|e| e.to_string())?;
                 if let LeaseState::Committed { snapshot, root } = lease.state {
-                    roots.push((name, Snapshot::decode(root.as_bytes(), &snapshot).map_err(|e| e.to_string())?));
+                    roots.push((
+                        name,
+                        Snapshot::decode(root.as_bytes(), &snapshot).map_err(|e| e.to_string())?,
+                    ));
                 }
             }
         }
@@ -222,16 +241,19 @@ fn check(store: &InMemory) -> Result<(), String> {
                 return Err(format!("chunk {id} is in no indexed pack that exists"));
             }
             let b = &pack_bytes[p];
-            pack::open_chunk(e, &b[e.offset as usize..(e.offset + e.stored_len) as usize], "pack").map_err(|e| e.to_string())
+            pack::open_chunk(e, &b[e.offset as usize..(e.offset + e.stored_len) as usize], "pack")
+                .map_err(|e| e.to_string())
         };
         for (name, snap) in roots {
             let mut stack = vec![snap.root.clone()];
             while let Some(n) = stack.pop() {
                 match n.kind {
-                    NodeKind::Dir { tree } => match Tree::decode(&readable(&tree).map_err(|e| format!("{name}: {e}"))?, "t") {
-                        Ok(Tree::Leaf(nodes)) => stack.extend(nodes),
-                        other => return Err(format!("{name}: unexpected tree {other:?}")),
-                    },
+                    NodeKind::Dir { tree } => {
+                        match Tree::decode(&readable(&tree).map_err(|e| format!("{name}: {e}"))?, "t") {
+                            Ok(Tree::Leaf(nodes)) => stack.extend(nodes),
+                            other => return Err(format!("{name}: unexpected tree {other:?}")),
+                        }
+                    }
                     NodeKind::File { content: Content::Extents(ex), .. } => {
                         for e in ex {
                             if let Some(c) = e.chunk {
@@ -265,7 +287,10 @@ async fn write_snapshot(repo: &Repository, host: &str, blobs: &[Vec<u8>]) -> cai
             }
             nodes.push(Node {
                 name: format!("f{i}").into_bytes(),
-                kind: NodeKind::File { size: b.len() as u64, content: Content::Extents(vec![Extent { chunk: Some(id), len: b.len() as u64 }]) },
+                kind: NodeKind::File {
+                    size: b.len() as u64,
+                    content: Content::Extents(vec![Extent { chunk: Some(id), len: b.len() as u64 }]),
+                },
                 mode: 0o644,
                 uid: 0,
                 gid: 0,
@@ -293,7 +318,12 @@ async fn write_snapshot(repo: &Repository, host: &str, blobs: &[Vec<u8>]) -> cai
             if p.kind == PackKind::Meta {
                 meta_packs.push(p.id);
             }
-            seg.packs.push(IndexedPack { id: p.id, kind: p.kind, len: p.bytes.len() as u64, chunks: p.entries });
+            seg.packs.push(IndexedPack {
+                id: p.id,
+                kind: p.kind,
+                len: p.bytes.len() as u64,
+                chunks: p.entries,
+            });
         }
         if !seg.packs.is_empty() {
             let (id, bytes) = seg.encode();
@@ -366,7 +396,9 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let store: Arc<dyn ObjectStore> = Arc::new(SimStore { inner: inner.clone(), world: world.clone() });
-        Repository::init_on(store.clone(), "sim://", Chunking::default(), &tmp.path().join("init")).await.unwrap();
+        Repository::init_on(store.clone(), "sim://", Chunking::default(), &tmp.path().join("init"))
+            .await
+            .unwrap();
         // Every actor is its own process: its own repository handle and local cache.
         let mut tasks = Vec::new();
         for (i, a) in acts.into_iter().enumerate() {
@@ -383,12 +415,19 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
                         let _ = write_snapshot(&repo, &format!("h{host}"), &blobs).await;
                     }
                     Act::Forget => {
-                        let opts = ForgetOptions { policy: Policy { keep_last: Some(1), ..Default::default() }, ..Default::default() };
+                        let opts = ForgetOptions {
+                            policy: Policy { keep_last: Some(1), ..Default::default() },
+                            ..Default::default()
+                        };
                         let _ = forget(&repo, &opts, SystemTime::now()).await;
                     }
                     Act::Gc { revoke_at_once } => {
                         let opts = GcOptions {
-                            lease_timeout: if revoke_at_once { Duration::ZERO } else { Duration::from_secs(3600) },
+                            lease_timeout: if revoke_at_once {
+                                Duration::ZERO
+                            } else {
+                                Duration::from_secs(3600)
+                            },
                             poll: Duration::from_millis(5),
                             max_wait: Duration::from_secs(2),
                             ..Default::default()
@@ -403,7 +442,8 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
         }
         // Afterwards, with nobody else running: a GC that revokes the dead finishes the job.
         let repo = Repository::open_on(store.clone(), "sim://", &tmp.path().join("final")).await.unwrap();
-        let opts = GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
+        let opts =
+            GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
         ACTOR.scope(usize::MAX - 1, async { gc(&repo, &opts).await.map_err(|e| e.to_string()) }).await?;
         // Whatever is committed is readable through the index, and nothing dead is left.
         for (id, snap) in repo.snapshots().await.map_err(|e| e.to_string())? {
@@ -413,7 +453,9 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
                     stack.extend(repo.read_dir(&tree).await.map_err(|e| format!("{id}: {e}"))?);
                 } else if let NodeKind::File { content, .. } = &n.kind {
                     for e in repo.extents(content).await.map_err(|e| e.to_string())? {
-                        repo.read_chunk(&e.chunk.unwrap()).await.map_err(|e| format!("snapshot {id}: {e}"))?;
+                        repo.read_chunk(&e.chunk.unwrap())
+                            .await
+                            .map_err(|e| format!("snapshot {id}: {e}"))?;
                     }
                 }
             }

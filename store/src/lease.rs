@@ -87,7 +87,11 @@ impl WriterLease {
         change(&mut next);
         next.heartbeat = now_rfc3339();
         let opts = PutOptions { mode: PutMode::Update(guard.1.clone()), ..Default::default() };
-        match self.store.put_opts(&ObjectPath::from(self.name.as_str()), PutPayload::from(next.encode()), opts).await {
+        match self
+            .store
+            .put_opts(&ObjectPath::from(self.name.as_str()), PutPayload::from(next.encode()), opts)
+            .await
+        {
             Ok(r) => {
                 *guard = (next, version(&r));
                 Ok(())
@@ -109,7 +113,8 @@ impl WriterLease {
 
     /// The commit point: the root goes into the lease by a conditional update.
     pub async fn commit(&self, snapshot: Id, root: &[u8]) -> Result<()> {
-        let root = String::from_utf8(root.to_vec()).map_err(|e| Error::Usage(format!("root is not UTF-8: {e}")))?;
+        let root =
+            String::from_utf8(root.to_vec()).map_err(|e| Error::Usage(format!("root is not UTF-8: {e}")))?;
         self.update(|l| l.state = LeaseState::Committed { snapshot, root }).await
     }
 

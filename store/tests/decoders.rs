@@ -5,8 +5,8 @@
 use cairn_store::format::config::{Chunking, Config};
 use cairn_store::format::index::{IndexSegment, IndexedPack};
 use cairn_store::format::lease::{GcState, Lease, LeaseState};
-use cairn_store::format::trace::Trace;
 use cairn_store::format::pack::{self, PackBuilder, PackKind};
+use cairn_store::format::trace::Trace;
 use cairn_store::format::tree::{self, check_name, Content, Extent, Node, NodeKind, Tree};
 use cairn_store::{Id, Snapshot};
 use proptest::prelude::*;

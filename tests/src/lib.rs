@@ -332,9 +332,11 @@ impl Repo {
     pub fn mount(&self, snapshot: &str, dir: &Path, extra: &[&str]) -> MountProc {
         std::fs::create_dir_all(dir).unwrap();
         let stats_file = dir.with_extension("stats.json");
-        let mut args = vec!["mount", snapshot, dir.to_str().unwrap(), "--stats-file", stats_file.to_str().unwrap()];
+        let mut args =
+            vec!["mount", snapshot, dir.to_str().unwrap(), "--stats-file", stats_file.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut child = self.cmd(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run cairn mount");
+        let mut child =
+            self.cmd(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run cairn mount");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !is_mounted(dir) {
             if let Some(status) = child.try_wait().unwrap() {
@@ -424,10 +426,9 @@ impl Relay {
                 let mut l = live2.lock().unwrap();
                 l.push(client.try_clone().unwrap());
                 l.push(server.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
                         let _ = to.shutdown(std::net::Shutdown::Both);

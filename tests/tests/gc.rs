@@ -29,8 +29,13 @@ fn forget_applies_expiry_and_retention_and_dry_run_deletes_nothing() {
     // Without rules only expiry removes; a dry run only reports it.
     let dry = repo.json(&["forget", "--dry-run"]);
     assert_eq!(dry["removed"], 1, "{dry}");
-    let gone: Vec<&str> =
-        dry["decisions"].as_array().unwrap().iter().filter(|d| d["keep"] == false).map(|d| d["id"].as_str().unwrap()).collect();
+    let gone: Vec<&str> = dry["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == false)
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
     assert_eq!(gone, vec![ids[1].as_str()]);
     assert_eq!(count(), 5);
     repo.ok(&["forget"]);
@@ -39,8 +44,13 @@ fn forget_applies_expiry_and_retention_and_dry_run_deletes_nothing() {
     // keep-last 1 per host+path, pins kept, other hosts out of scope untouched.
     let out = repo.json(&["forget", "--host", "h1", "--keep-last", "1", "--keep-tag", "pin=yes"]);
     assert_eq!(out["removed"], 1, "{out}");
-    let left: Vec<String> =
-        repo.json(&["snapshots"]).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let left: Vec<String> = repo
+        .json(&["snapshots"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     let mut expected = vec![ids[0].clone(), ids[3].clone(), other];
     expected.sort();
     let mut left_sorted = left.clone();
@@ -203,7 +213,8 @@ fn unfinished_gc_blocks_a_second_run_until_it_is_stale() {
     let run = repo.json(&["gc", "--lease-timeout", "10m"]);
     assert_eq!(run["packs_deleted"], 0, "{run}");
     assert!(pack.exists());
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("gc/state")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("gc/state")).unwrap()).unwrap();
     assert_eq!(state["condemned"].as_array().unwrap().len(), 0, "{state}");
     let out = tmp.path().join("out");
     repo.ok(&["restore", &snap, out.to_str().unwrap()]);
@@ -211,7 +222,10 @@ fn unfinished_gc_blocks_a_second_run_until_it_is_stale() {
 
 fn humantime_rfc3339(t: std::time::SystemTime) -> String {
     let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let out = std::process::Command::new("date").args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -245,7 +259,10 @@ fn gc_repacks_mostly_dead_packs() {
     let latest = repo.push(&src, &[]);
     repo.ok(&["forget", "--keep-last", "1"]);
     let kept_only = repo.json(&["gc", "--repack-below", "0"]);
-    assert!(kept_only["bytes_freed"].as_u64().unwrap() < 1 << 20, "without repacking the mixed pack stays: {kept_only}");
+    assert!(
+        kept_only["bytes_freed"].as_u64().unwrap() < 1 << 20,
+        "without repacking the mixed pack stays: {kept_only}"
+    );
     let run = repo.json(&["gc"]);
     assert!(run["packs_repacked"].as_u64().unwrap() >= 1, "{run}");
     assert!(run["bytes_freed"].as_u64().unwrap() >= 3 << 20, "{run}");

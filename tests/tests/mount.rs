@@ -11,7 +11,12 @@ const EIO: i32 = nix::errno::Errno::EIO as i32;
 
 fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
-    assert!(out.status.success(), "{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -41,7 +46,11 @@ fn debian_rootfs_mount_matches_source_and_runs_programs() {
     assert_same_tree_with(&rootfs, &mnt, false);
 
     // Programs run from the mount (exec and mmap of binaries and libraries).
-    let out = sh(Command::new("chroot").arg(&mnt).args(["/bin/sh", "-c", "echo ran on debian $(cat /etc/debian_version); ls /usr/bin | wc -l"]));
+    let out = sh(Command::new("chroot").arg(&mnt).args([
+        "/bin/sh",
+        "-c",
+        "echo ran on debian $(cat /etc/debian_version); ls /usr/bin | wc -l",
+    ]));
     assert!(out.starts_with("ran on debian 12"), "{out}");
     let out = sh(Command::new("chroot").arg(&mnt).args([
         "/usr/bin/python3",
@@ -75,7 +84,8 @@ fn git_sqlite_mmap_and_memory_images_through_local_and_s3_mounts() {
     };
     git(&["init", "-q"]);
     for i in 0..20 {
-        std::fs::write(src.join("repo").join(format!("f{i}.txt")), format!("file {i}\n").repeat(i * 100 + 1)).unwrap();
+        std::fs::write(src.join("repo").join(format!("f{i}.txt")), format!("file {i}\n").repeat(i * 100 + 1))
+            .unwrap();
         git(&["add", "."]);
         git(&["commit", "-q", "-m", &format!("commit {i}")]);
     }
@@ -94,12 +104,19 @@ fn git_sqlite_mmap_and_memory_images_through_local_and_s3_mounts() {
     std::fs::write(&mem, &image).unwrap();
 
     let moto = Moto::start();
-    for (name, repo) in [("local", Repo::local(&tmp.path().join("repo"))), ("s3", Repo::s3(&moto, "mount-test"))] {
+    for (name, repo) in
+        [("local", Repo::local(&tmp.path().join("repo"))), ("s3", Repo::s3(&moto, "mount-test"))]
+    {
         repo.ok(&["init"]);
         let snap = repo.push(&src, &[]);
         let mnt = tmp.path().join(format!("mnt-{name}"));
         let m = repo.mount(&snap, &mnt, &[]);
-        let fsck = Command::new("git").arg("-C").arg(mnt.join("repo")).args(["fsck", "--full", "--strict"]).output().unwrap();
+        let fsck = Command::new("git")
+            .arg("-C")
+            .arg(mnt.join("repo"))
+            .args(["fsck", "--full", "--strict"])
+            .output()
+            .unwrap();
         assert!(fsck.status.success(), "{name}: git fsck: {}", String::from_utf8_lossy(&fsck.stderr));
         let log = sh(Command::new("git").arg("-C").arg(mnt.join("repo")).args(["log", "--oneline"]));
         assert_eq!(log.lines().count(), 20, "{name}");
@@ -212,7 +229,8 @@ fn unreachable_bucket_is_eio_and_the_mount_recovers() {
     let snap = direct.push(&src, &[]);
 
     let relay = Relay::start(moto.port);
-    let mut repo = Repo { url: direct.url.clone(), cache: tempfile::tempdir().unwrap(), env: direct.env.clone() };
+    let mut repo =
+        Repo { url: direct.url.clone(), cache: tempfile::tempdir().unwrap(), env: direct.env.clone() };
     for (k, v) in repo.env.iter_mut() {
         if k == "AWS_ENDPOINT" {
             *v = format!("http://127.0.0.1:{}", relay.port);
@@ -280,7 +298,11 @@ fn trace_is_recorded_stored_and_prefetched_by_the_next_mount() {
     let mnt = tmp.path().join("mnt");
     let trace_file = tmp.path().join("trace");
     // Mount 1 reads a third of the files and stores what it touched.
-    let m = repo.mount(&snap, &mnt, &["--store-trace", "--record-trace", trace_file.to_str().unwrap(), "--no-prefetch"]);
+    let m = repo.mount(
+        &snap,
+        &mnt,
+        &["--store-trace", "--record-trace", trace_file.to_str().unwrap(), "--no-prefetch"],
+    );
     for i in (0..30).step_by(3) {
         std::fs::read(mnt.join(format!("f{i:02}"))).unwrap();
     }
@@ -304,7 +326,10 @@ fn trace_is_recorded_stored_and_prefetched_by_the_next_mount() {
     }
     let before = m.stats();
     for i in (0..30).step_by(3) {
-        assert_eq!(std::fs::read(mnt.join(format!("f{i:02}"))).unwrap(), random_bytes(100_000, 100 + i as u64));
+        assert_eq!(
+            std::fs::read(mnt.join(format!("f{i:02}"))).unwrap(),
+            random_bytes(100_000, 100 + i as u64)
+        );
     }
     std::thread::sleep(Duration::from_millis(1200));
     let after = m.stats();
@@ -398,7 +423,9 @@ fn million_file_snapshot_mounts_lazily() {
         let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", m.pid()))
             .unwrap()
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap())
+            })
             .unwrap();
         seen.push((stats["requests"].clone(), rss_kib));
         let (status, err) = m.stop();

@@ -32,8 +32,13 @@ pub struct Lease {
 pub enum LeaseState {
     Active,
     /// The writer's commit point: the snapshot root, byte for byte (its BLAKE3 is the id).
-    Committed { snapshot: Id, root: String },
-    Revoked { by: String },
+    Committed {
+        snapshot: Id,
+        root: String,
+    },
+    Revoked {
+        by: String,
+    },
 }
 
 impl Lease {

@@ -112,8 +112,15 @@ pub async fn push(
     });
     let result = async {
         repo.sync_index().await?;
-        push_under_lease(repo, opts, progress, cancel, &lease, PushContext { started, source, host, source_str, parent })
-            .await
+        push_under_lease(
+            repo,
+            opts,
+            progress,
+            cancel,
+            &lease,
+            PushContext { started, source, host, source_str, parent },
+        )
+        .await
     }
     .await;
     heartbeat.abort();
