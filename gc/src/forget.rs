@@ -58,15 +58,7 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
         kept: decisions.len() - removed,
         removed,
         decisions,
-        requests: RequestStats {
-            gets: after.gets - before.gets,
-            puts: after.puts - before.puts,
-            lists: after.lists - before.lists,
-            heads: after.heads - before.heads,
-            deletes: after.deletes - before.deletes,
-            bytes_down: after.bytes_down - before.bytes_down,
-            bytes_up: after.bytes_up - before.bytes_up,
-        },
+        requests: after.since(&before),
     })
 }
 

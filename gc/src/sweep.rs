@@ -450,7 +450,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         report.packs_deleted = condemned.len();
         report.bytes_freed = condemned.iter().map(|p| listed[p]).sum();
         report.live_chunks = live.len();
-        report.requests = delta(before, repo.requests());
+        report.requests = repo.requests().since(&before);
         report.phases = phases.list;
         return Ok(report);
     }
@@ -608,7 +608,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     gc_state.finished = true;
     put_state(store.as_ref(), &gc_state, Some(&version)).await?;
     repo.sync_index().await?;
-    report.requests = delta(before, repo.requests());
+    report.requests = repo.requests().since(&before);
     report.phases = phases.list;
     Ok(report)
 }
@@ -624,16 +624,4 @@ fn hex_id() -> String {
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("gc-{t:x}-{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed))
-}
-
-fn delta(a: RequestStats, b: RequestStats) -> RequestStats {
-    RequestStats {
-        gets: b.gets - a.gets,
-        puts: b.puts - a.puts,
-        lists: b.lists - a.lists,
-        heads: b.heads - a.heads,
-        deletes: b.deletes - a.deletes,
-        bytes_down: b.bytes_down - a.bytes_down,
-        bytes_up: b.bytes_up - a.bytes_up,
-    }
 }

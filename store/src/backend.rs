@@ -105,6 +105,19 @@ impl RequestStats {
     pub fn requests(&self) -> u64 {
         self.gets + self.puts + self.lists + self.heads + self.deletes
     }
+
+    /// What was made since `before` (a command's own cost on a shared repository handle).
+    pub fn since(&self, before: &RequestStats) -> RequestStats {
+        RequestStats {
+            gets: self.gets - before.gets,
+            puts: self.puts - before.puts,
+            lists: self.lists - before.lists,
+            heads: self.heads - before.heads,
+            deletes: self.deletes - before.deletes,
+            bytes_down: self.bytes_down - before.bytes_down,
+            bytes_up: self.bytes_up - before.bytes_up,
+        }
+    }
 }
 
 impl Counters {
