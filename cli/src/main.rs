@@ -5,6 +5,7 @@
 mod gc_cmd;
 mod mount_cmd;
 mod progress;
+mod volume_cmd;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,7 +24,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Exit codes, documented in `cairn --help` and docs/operations.md.
 const EXIT_ERROR: u8 = 1;
 const EXIT_DAMAGE: u8 = 3;
-/// A conditional write lost a race (a revoked push lease, a concurrent gc): retry.
+/// A conditional write lost a race (a volume head moved, a revoked push lease, a concurrent
+/// gc): nothing was committed; retry.
 const EXIT_CONFLICT: u8 = 4;
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -87,6 +89,10 @@ enum Command {
         /// Host name recorded in the snapshot (default: this machine's).
         #[arg(long)]
         host: Option<String>,
+        /// Commit the directory as the next version of this volume (exit code 4 when another
+        /// host committed first; retry).
+        #[arg(long, conflicts_with_all = ["kind", "parent", "expire_in", "tags"])]
+        volume: Option<String>,
     },
     /// List snapshots, oldest first.
     Snapshots,
@@ -122,6 +128,11 @@ enum Command {
     Mount(mount_cmd::MountArgs),
     /// Unmount a cairn mount, also when its daemon died (stale mount).
     Umount { mountpoint: PathBuf },
+    /// Named, versioned volumes: create, list, show, history, rollback, delete, commit.
+    Volume {
+        #[command(subcommand)]
+        command: volume_cmd::VolumeCommand,
+    },
     /// The host-wide chunk cache shared by all mounts.
     Cache {
         #[command(subcommand)]
@@ -172,14 +183,24 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| {
-                matches!(c.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Conflict(_)))
-            }) {
+            if is_conflict(&e) {
                 return ExitCode::from(EXIT_CONFLICT);
             }
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// A lost race anywhere in the chain (the mount crate wraps store errors transparently).
+fn is_conflict(e: &anyhow::Error) -> bool {
+    use cairn_store::Error::Conflict;
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<cairn_store::Error>(), Some(Conflict(_)))
+            || matches!(
+                c.downcast_ref::<cairn_fuse::MountError>(),
+                Some(cairn_fuse::MountError::Store(Conflict(_)))
+            )
+    })
 }
 
 fn repo_url(cli: &Cli) -> Result<String> {
@@ -245,7 +266,16 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 println!("created repository {} at {url}", repo.config().id);
             }
         }
-        Command::Push { path, kind, tags, parent, expire_in, host } => {
+        Command::Push { path, volume: Some(name), .. } => {
+            let repo = open(&cli).await?;
+            let bar = progress::Bar::bytes(None, "push");
+            let result = cairn_store::volume::push_dir(&repo, name, path, &bar, cancel).await;
+            bar.finish();
+            let (summary, head) =
+                result.with_context(|| format!("pushing {} to volume {name}", path.display()))?;
+            volume_cmd::report_commit(&summary, &head, cli.json)?;
+        }
+        Command::Push { path, kind, tags, parent, expire_in, host, volume: None } => {
             let repo = open(&cli).await?;
             let tags = tags
                 .iter()
@@ -266,6 +296,8 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 },
                 expire_in: *expire_in,
                 host: host.clone(),
+                label: None,
+                overlay: None,
             };
             let bar = progress::Bar::bytes(None, "push");
             let result = cairn_store::push::push(&repo, &opts, &bar, cancel).await;
@@ -483,12 +515,23 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             let repo = open(&cli).await?;
             gc_cmd::gc(&repo, args, cli.json).await?;
         }
+        Command::Mount(args) if args.rw => {
+            let repo = open(&cli).await?;
+            volume_cmd::mount_rw(repo, &cache_root(&cli), args, cli.json, cancel).await?;
+        }
         Command::Mount(args) => {
             let repo = open(&cli).await?;
             mount_cmd::mount(repo, &cache_root(&cli), args, cli.json, cancel).await?;
         }
+        Command::Umount { mountpoint } if volume_cmd::is_rw_mount(mountpoint) => {
+            volume_cmd::unmount(mountpoint)?;
+        }
         Command::Umount { mountpoint } => {
             cairn_fuse::unmount(mountpoint)?;
+        }
+        Command::Volume { command } => {
+            let repo = open(&cli).await?;
+            volume_cmd::run(&repo, command, cli.json, cancel).await?;
         }
         Command::Cache { command } => mount_cmd::cache(&cache_root(&cli), command, cli.json)?,
     }

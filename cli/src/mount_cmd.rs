@@ -22,9 +22,21 @@ pub struct CacheArgs {
 
 #[derive(Args)]
 pub struct MountArgs {
-    /// Snapshot id (or unique prefix, or `latest`).
+    /// Snapshot id (or unique prefix, or `latest`); with --rw, a volume name.
+    #[arg(value_name = "SNAPSHOT|VOLUME")]
     pub snapshot: String,
     pub mountpoint: PathBuf,
+    /// Mount a volume read-write: overlayfs over a lazy mount of its head; changes stay in
+    /// the state directory until `cairn volume commit`.
+    #[arg(long)]
+    pub rw: bool,
+    /// Where a --rw mount keeps its changes (default $XDG_STATE_HOME/cairn/volumes/NAME).
+    /// Mounting again with the same directory resumes its uncommitted changes.
+    #[arg(long, requires = "rw")]
+    pub state_dir: Option<PathBuf>,
+    /// With --rw: commit the volume when the mount stops (unmount, Ctrl-C, SIGTERM).
+    #[arg(long, requires = "rw")]
+    pub commit_on_unmount: bool,
     /// Let other users (sandbox users) in; permissions are still checked by the kernel.
     #[arg(long)]
     pub allow_other: bool,
@@ -77,16 +89,9 @@ pub fn open_cache(cache_root: &Path, args: &CacheArgs) -> Result<ChunkCache> {
     Ok(ChunkCache::open(cfg)?)
 }
 
-pub async fn mount(
-    repo: cairn_store::Repository,
-    cache_root: &Path,
-    args: &MountArgs,
-    json: bool,
-    cancel: &AtomicBool,
-) -> Result<()> {
-    let cache = Arc::new(open_cache(cache_root, &args.cache)?);
-    let (id, snap) = repo.resolve_snapshot(&args.snapshot).await?;
-    let opts = MountOptions {
+/// The mount options a command line asks for.
+pub fn mount_options(args: &MountArgs) -> MountOptions {
+    MountOptions {
         allow_other: args.allow_other,
         dev: args.dev,
         suid: args.suid,
@@ -101,7 +106,19 @@ pub async fn mount(
         prefetch_rate: args.prefetch_rate.as_u64(),
         stats_file: args.stats_file.clone(),
         ..MountOptions::default()
-    };
+    }
+}
+
+pub async fn mount(
+    repo: cairn_store::Repository,
+    cache_root: &Path,
+    args: &MountArgs,
+    json: bool,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let cache = Arc::new(open_cache(cache_root, &args.cache)?);
+    let (id, snap) = repo.resolve_snapshot(&args.snapshot).await?;
+    let opts = mount_options(args);
     let mounted = cairn_fuse::mount(Arc::new(repo), cache, id, &snap, &args.mountpoint, opts)
         .await
         .with_context(|| format!("mounting snapshot {} on {}", id.short(), args.mountpoint.display()))?;

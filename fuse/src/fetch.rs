@@ -609,6 +609,8 @@ mod fetch_tests {
             parent: ParentSpec::None,
             expire_in: None,
             host: None,
+            label: None,
+            overlay: None,
         };
         let summary = push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
         let snap = repo.load_snapshot(&summary.snapshot).await.unwrap();

@@ -2,6 +2,7 @@
 //!
 //! Map of the crate:
 //! - [`mount`] — [`mount::mount`]: a snapshot on a mountpoint; background prefetch; unmount.
+//! - [`rw`] — [`rw::mount_rw`]: writable volume mounts (overlayfs over a lazy mount); commit.
 //! - [`fs`] — [`fs::SnapshotFs`], the `fuser` filesystem: inodes on demand, answers from tasks.
 //! - [`fetch`] — [`fetch::Fetcher`]: memory → host cache → joined fetch → coalesced range reads.
 //! - [`cache`] — [`cache::ChunkCache`]: content-addressed files, hard byte cap, LRU in RocksDB.
@@ -14,6 +15,7 @@ pub mod cache;
 pub mod fetch;
 pub mod fs;
 pub mod mount;
+pub mod rw;
 pub mod stats;
 
 pub use cache::{CacheConfig, ChunkCache};

@@ -130,6 +130,8 @@ async fn list_or_read_errors_before_the_sweep_delete_nothing() {
             parent: ParentSpec::None,
             expire_in: None,
             host: None,
+            label: None,
+            overlay: None,
         };
         let first = push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
         std::fs::write(src.join("f"), vec![8u8; 100_000]).unwrap();

@@ -10,6 +10,7 @@
 //! - [`lease`] — [`lease::WriterLease`]: a push's part in the GC protocol (docs/gc.md).
 //! - [`push`] — directory or memory image → packs → index segment → snapshot root.
 //! - [`restore`] — snapshot → directory, exact and confined to the target.
+//! - [`volume`] — named, versioned heads over snapshots, moved by conditional writes.
 //! - [`commands`] — the other user commands (ls, cat, diff, stats, check) as functions.
 //! - [`error`] — [`Error`], one typed error naming the object or path at fault.
 
@@ -25,6 +26,7 @@ pub mod push;
 pub mod repo;
 pub mod restore;
 mod sys;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use format::snapshot::{Kind, Snapshot};

@@ -26,6 +26,8 @@ async fn listing_snapshots_twice_costs_one_list_and_no_gets() {
             parent: ParentSpec::None,
             expire_in: None,
             host: None,
+            label: None,
+            overlay: None,
         };
         cairn_store::push::push(&repo, &opts, &NoProgress, &cancel).await.unwrap();
     }

@@ -136,6 +136,8 @@ fn opts(src: &Path) -> PushOptions {
         parent: ParentSpec::Auto,
         expire_in: None,
         host: None,
+        label: None,
+        overlay: None,
     }
 }
 

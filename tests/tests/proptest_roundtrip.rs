@@ -93,6 +93,8 @@ fn opts(source: &Path, kind: Kind) -> PushOptions {
         parent: ParentSpec::Auto,
         expire_in: None,
         host: Some("prop".into()),
+        label: None,
+        overlay: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! - `packs/<xx>/<pack id>` — [`pack`]: compressed chunks followed by their own chunk table.
 //! - `index/<segment id>` — [`index::IndexSegment`]: which pack holds which chunk; immutable.
 //! - `snapshots/<snapshot id>` — [`snapshot::Snapshot`], JSON: the only commit point of a push.
+//! - `volumes/<name>` — [`volume::Head`], JSON: a volume's head and history, moved by conditional writes.
 //! - `traces/<snapshot id>` — [`trace::Trace`]: chunks a mount touched, in order; a prefetch hint.
 //!
 //! Metadata (directory pages, chunk lists) are chunks too, encoded by [`tree`] and kept in
@@ -18,6 +19,7 @@ pub mod pack;
 pub mod snapshot;
 pub mod trace;
 pub mod tree;
+pub mod volume;
 
 use crate::error::{Error, Result};
 

@@ -4,6 +4,7 @@
 //! a tokio task uploads packs while the walk goes on. Then, in this order — the commit
 //! protocol of `docs/format.md` — the index segment, then the snapshot root.
 
+pub mod overlay;
 mod packer;
 pub mod source;
 
@@ -45,6 +46,26 @@ pub struct PushOptions {
     pub expire_in: Option<Duration>,
     /// Defaults to the machine's host name.
     pub host: Option<String>,
+    /// Recorded as the snapshot's `source` instead of the pushed path (volumes: `volume:NAME`).
+    pub label: Option<String>,
+    /// Overlay commit: `source` is the upper directory of an overlayfs mount over this snapshot.
+    pub overlay: Option<overlay::OverlayBase>,
+}
+
+impl PushOptions {
+    /// A push of `source` as `kind` with every other option at its default.
+    pub fn new(source: impl Into<PathBuf>, kind: Kind) -> PushOptions {
+        PushOptions {
+            source: source.into(),
+            kind,
+            tags: BTreeMap::new(),
+            parent: ParentSpec::Auto,
+            expire_in: None,
+            host: None,
+            label: None,
+            overlay: None,
+        }
+    }
 }
 
 /// Callbacks for progress display; all no-ops by default. Called from many threads.
@@ -87,7 +108,7 @@ pub async fn push(
     let started = Instant::now();
     let source = std::fs::canonicalize(&opts.source).map_err(|e| Error::io(&opts.source, e))?;
     let host = opts.host.clone().unwrap_or_else(host_name);
-    let source_str = source.to_string_lossy().into_owned();
+    let source_str = opts.label.clone().unwrap_or_else(|| source.to_string_lossy().into_owned());
     let parent = match &opts.parent {
         ParentSpec::None => None,
         ParentSpec::Id(spec) => Some(repo.resolve_snapshot(spec).await?.0),
@@ -111,6 +132,9 @@ pub async fn push(
         }
     });
     let result = async {
+        if let Some(base) = &opts.overlay {
+            overlay::check_base_alive(repo, &base.snapshot).await?;
+        }
         repo.sync_index().await?;
         push_under_lease(
             repo,
@@ -169,12 +193,18 @@ async fn push_under_lease(
         condemned: lease.condemned(),
         cancel,
         progress,
+        overlay: opts.overlay.as_ref().map(|base| overlay::Overlay {
+            repo,
+            handle: tokio::runtime::Handle::current(),
+            root: base.root.clone(),
+        }),
     };
     // The walk blocks (file reads, a full upload queue); keep it off the async workers.
     let walked = tokio::task::block_in_place(|| {
-        let root = match opts.kind {
-            Kind::Fs => walker.dir(&source, name),
-            Kind::Memory => walker.file(&source, name),
+        let root = match (opts.kind, &walker.overlay) {
+            (Kind::Fs, Some(ov)) => walker.overlay_root(&source, ov),
+            (Kind::Fs, None) => walker.dir(&source, name),
+            (Kind::Memory, _) => walker.file(&source, name),
         }?;
         packer.flush()?;
         Ok::<_, Error>(root)

@@ -68,9 +68,11 @@ pub struct Walker<'a> {
     pub condemned: &'a std::collections::HashSet<PackId>,
     pub cancel: &'a AtomicBool,
     pub progress: &'a dyn PushProgress,
+    /// Set for an overlay commit (see [`super::overlay`]).
+    pub overlay: Option<super::overlay::Overlay<'a>>,
 }
 
-fn nanos(secs: i64, nsec: i64) -> i64 {
+pub(super) fn nanos(secs: i64, nsec: i64) -> i64 {
     secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
@@ -96,7 +98,7 @@ impl Walker<'_> {
         self.node(path, name, &meta)
     }
 
-    fn node(&self, path: &Path, name: Vec<u8>, meta: &Metadata) -> Result<Node> {
+    pub(super) fn node(&self, path: &Path, name: Vec<u8>, meta: &Metadata) -> Result<Node> {
         if self.cancel.load(Relaxed) {
             return Err(Error::Interrupted);
         }
@@ -137,9 +139,18 @@ impl Walker<'_> {
             uid: meta.uid(),
             gid: meta.gid(),
             mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-            xattrs: read_xattrs(path)?,
+            xattrs: self.xattrs(path)?,
             link_group,
         })
+    }
+
+    /// A node's extended attributes; an overlay commit drops overlayfs's own bookkeeping.
+    pub(super) fn xattrs(&self, path: &Path) -> Result<Vec<Xattr>> {
+        let mut all = read_xattrs(path)?;
+        if self.overlay.is_some() {
+            all.retain(|x| !x.name.starts_with(super::overlay::XATTR_PREFIX));
+        }
+        Ok(all)
     }
 
     fn tree(&self, path: &Path) -> Result<Id> {
@@ -160,7 +171,12 @@ impl Walker<'_> {
                 Err(e) => Err(Error::io(child, e)),
             })
             .collect::<Result<_>>()?;
-        let objects = Tree::build(nodes.into_iter().flatten().collect());
+        self.store_tree(nodes.into_iter().flatten().collect())
+    }
+
+    /// Encode a directory (nodes in name order) and store its objects; returns its id.
+    pub(super) fn store_tree(&self, nodes: Vec<Node>) -> Result<Id> {
+        let objects = Tree::build(nodes);
         let top = objects.last().expect("build returns the top object").id;
         for obj in objects {
             self.store_meta(obj.id, &obj.bytes)?;
@@ -433,7 +449,7 @@ pub fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Rang
     Ok(out)
 }
 
-fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
+pub(super) fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     let names = match xattr::list(path) {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),

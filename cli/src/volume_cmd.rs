@@ -1,0 +1,230 @@
+//! `cairn volume …` and `cairn mount --rw`: thin adapters over `cairn_store::volume` and
+//! `cairn_fuse::rw`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use cairn_fuse::rw;
+use cairn_store::format::volume::Head;
+use cairn_store::push::PushSummary;
+use cairn_store::{volume, Repository};
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume at version 1: empty, or holding what a snapshot holds.
+    Create {
+        name: String,
+        /// Start from this snapshot (id, unique prefix or `latest`).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// List volumes with their current version.
+    List,
+    /// Show a volume's head.
+    Show { name: String },
+    /// List a volume's versions, oldest first.
+    History { name: String },
+    /// Make a new version that holds what VERSION held (history is never rewritten).
+    Rollback { name: String, version: u64 },
+    /// Delete a volume's head; its versions stay as snapshots until forgotten.
+    Delete { name: String },
+    /// Commit a writable mount (`cairn mount --rw`) as the volume's next version; the mount
+    /// goes on, now on that version. Exit code 4 when another host committed first.
+    Commit {
+        /// The mountpoint of the writable mount.
+        #[arg(required_unless_present = "state_dir")]
+        mountpoint: Option<PathBuf>,
+        /// The mount's state directory (instead of its mountpoint, e.g. after it stopped).
+        #[arg(long, conflicts_with = "mountpoint")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn print_head(h: &Head) {
+    let last = h.history.last();
+    println!(
+        "{:<24} v{:<5} {} {} {}",
+        h.name,
+        h.version,
+        h.snapshot.short(),
+        last.map(|v| v.time.get(..19).unwrap_or(&v.time)).unwrap_or("-"),
+        last.map(|v| v.host.as_str()).unwrap_or("-")
+    );
+}
+
+pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &AtomicBool) -> Result<()> {
+    match cmd {
+        VolumeCommand::Create { name, from } => {
+            let head = volume::create(repo, name, from.as_deref()).await?;
+            if json {
+                crate::print_json(&head)?;
+            } else {
+                println!("created volume {name} at version 1 (snapshot {})", head.snapshot.short());
+            }
+        }
+        VolumeCommand::List => {
+            let heads = volume::list(repo).await?;
+            if json {
+                crate::print_json(&heads)?;
+            } else {
+                println!("{:<24} {:<6} {:<8} {:<19} host", "volume", "head", "snapshot", "committed");
+                heads.iter().for_each(print_head);
+                println!("{} volumes", heads.len());
+            }
+        }
+        VolumeCommand::Show { name } => {
+            let head = volume::read(repo, name).await?.head;
+            if json {
+                crate::print_json(&head)?;
+            } else {
+                println!("volume   {}\nversion  {}\nsnapshot {}", head.name, head.version, head.snapshot);
+                if let Some(v) = head.history.last() {
+                    println!("time     {}\nhost     {}\nhow      {}", v.time, v.host, v.how);
+                }
+                println!("versions {}", head.history.len());
+            }
+        }
+        VolumeCommand::History { name } => {
+            let head = volume::read(repo, name).await?.head;
+            if json {
+                crate::print_json(&head.history)?;
+            } else {
+                for v in &head.history {
+                    println!("v{:<5} {} {} {:<12} {}", v.version, v.snapshot.short(), v.time, v.host, v.how);
+                }
+            }
+        }
+        VolumeCommand::Rollback { name, version } => {
+            let head = volume::rollback(repo, name, *version).await?;
+            if json {
+                crate::print_json(&head)?;
+            } else {
+                println!("volume {name} is at version {} (the contents of version {version})", head.version);
+            }
+        }
+        VolumeCommand::Delete { name } => {
+            let head = volume::delete(repo, name).await?;
+            if json {
+                crate::print_json(&head)?;
+            } else {
+                println!(
+                    "deleted volume {name} (was at version {}); its snapshots stay until `cairn forget --volume {name}`",
+                    head.version
+                );
+            }
+        }
+        VolumeCommand::Commit { mountpoint, state_dir } => {
+            let dir = match (state_dir, mountpoint) {
+                (Some(d), _) => d.clone(),
+                (None, Some(m)) => rw::state_dir_of(m)?,
+                (None, None) => return Err(anyhow!("give a mountpoint or --state-dir")),
+            };
+            let (summary, head) = rw::commit(repo, &dir, cancel).await?;
+            report_commit(&summary, &head, json)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn report_commit(summary: &PushSummary, head: &Head, json: bool) -> Result<()> {
+    if json {
+        crate::print_json(&serde_json::json!({ "head": head, "summary": summary }))?;
+    } else {
+        let s = &summary.stats;
+        eprintln!(
+            "committed volume {} version {}: {} changed files ({} read), {} stored in {} packs; \
+             {} requests, {} up, {} down, {:.2}s",
+            head.name,
+            head.version,
+            s.files,
+            crate::bytes(s.bytes_read),
+            crate::bytes(s.stored_bytes),
+            summary.packs,
+            summary.requests.requests(),
+            crate::bytes(summary.requests.bytes_up),
+            crate::bytes(summary.requests.bytes_down),
+            summary.seconds
+        );
+        println!("{}", summary.snapshot);
+    }
+    Ok(())
+}
+
+/// `cairn mount --rw VOLUME MOUNTPOINT`: serve until unmounted, then optionally commit.
+pub async fn mount_rw(
+    repo: Repository,
+    cache_root: &Path,
+    args: &crate::mount_cmd::MountArgs,
+    json: bool,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let name = &args.snapshot;
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| rw::default_state_dir(name));
+    let cache = Arc::new(crate::mount_cmd::open_cache(cache_root, &args.cache)?);
+    let repo = Arc::new(repo);
+    let mounted = rw::mount_rw(
+        repo.clone(),
+        cache,
+        name,
+        &args.mountpoint,
+        &state_dir,
+        crate::mount_cmd::mount_options(args),
+    )
+    .await
+    .with_context(|| format!("mounting volume {name} read-write on {}", args.mountpoint.display()))?;
+    eprintln!(
+        "mounted volume {name} read-write on {} (changes in {}; `cairn volume commit` to commit, \
+         Ctrl-C or `cairn umount` to stop)",
+        args.mountpoint.display(),
+        state_dir.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if cancel.load(Ordering::SeqCst) || !mounted.is_mounted() {
+                    break;
+                }
+            }
+        }
+    }
+    // Unmount first when we can, so the committed state is the final one.
+    let busy = mounted.unmount_overlay().is_err();
+    let committed = if args.commit_on_unmount {
+        if busy {
+            tracing::warn!("{} is busy; committing its current state", args.mountpoint.display());
+        }
+        // A second Ctrl-C must not abandon the commit half-way: it gets its own flag.
+        Some(rw::commit(&repo, &state_dir, &AtomicBool::new(false)).await)
+    } else {
+        None
+    };
+    mounted.finish().await?;
+    match committed {
+        Some(Ok((summary, head))) => report_commit(&summary, &head, json)?,
+        Some(Err(e)) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("committing on unmount (changes kept in {})", state_dir.display())))
+        }
+        None => eprintln!(
+            "unmounted {}; uncommitted changes stay in {}",
+            args.mountpoint.display(),
+            state_dir.display()
+        ),
+    }
+    Ok(())
+}
+
+/// `cairn umount` of a writable mount.
+pub fn is_rw_mount(path: &Path) -> bool {
+    rw::is_overlay(path)
+}
+
+pub fn unmount(path: &Path) -> Result<()> {
+    Ok(rw::unmount_overlay(path)?)
+}

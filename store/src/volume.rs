@@ -1,0 +1,291 @@
+//! Volumes: named, versioned heads over snapshots (format: [`crate::format::volume`]).
+//!
+//! Every version is an ordinary snapshot (tagged `volume=NAME`, parent = the version before),
+//! so diff, check, mount and retention work on versions unchanged. What makes a volume is
+//! its head, `volumes/<name>`, moved only by conditional writes: a commit reads the head,
+//! builds its snapshot, then updates the head If-Match the ETag it read. Of two hosts
+//! committing on one head exactly one wins; the other gets [`Error::Conflict`], and its
+//! snapshot root is removed again, so history stays linear and nothing half-done remains.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
+
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+
+use crate::error::{Error, Result};
+use crate::format::snapshot::{self, Kind, Snapshot};
+use crate::format::volume::{self, Head, Version};
+use crate::id::Id;
+use crate::lease::WriterLease;
+use crate::push::overlay::{self, OverlayBase};
+use crate::push::{self, host_name, ParentSpec, PushOptions, PushProgress, PushSummary};
+use crate::repo::Repository;
+
+/// A head as read, with the version a conditional update must match.
+#[derive(Clone, Debug)]
+pub struct ReadHead {
+    pub head: Head,
+    pub etag: UpdateVersion,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn label(name: &str) -> String {
+    format!("volume:{name}")
+}
+
+fn tags(name: &str, version: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([(volume::TAG.into(), name.into()), (volume::VERSION_TAG.into(), version.to_string())])
+}
+
+fn checked(name: &str) -> Result<()> {
+    volume::check_name(name).map_err(Error::Usage)
+}
+
+pub async fn read(repo: &Repository, name: &str) -> Result<ReadHead> {
+    checked(name)?;
+    let object = volume::object_name(name);
+    match repo.store().get(&ObjectPath::from(object.as_str())).await {
+        Ok(r) => {
+            let etag = UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
+            let bytes = r.bytes().await.map_err(|e| Error::store(&object, e))?;
+            Ok(ReadHead { head: Head::decode(&bytes, &object)?, etag })
+        }
+        Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(format!("volume {name}"))),
+        Err(e) => Err(Error::store(object, e)),
+    }
+}
+
+/// Every volume, by name. Fails on the first unreadable head, naming it.
+pub async fn list(repo: &Repository) -> Result<Vec<Head>> {
+    let mut out = Vec::new();
+    for (object, _) in repo.list(volume::PREFIX.trim_end_matches('/')).await? {
+        let Some(name) = object.strip_prefix(volume::PREFIX) else { continue };
+        match read(repo, name).await {
+            Ok(r) => out.push(r.head),
+            Err(Error::NotFound(_)) => {} // deleted since the listing
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Create a volume at version 1: empty, or holding what snapshot `from` holds.
+pub async fn create(repo: &Repository, name: &str, from: Option<&str>) -> Result<Head> {
+    checked(name)?;
+    let object = volume::object_name(name);
+    if repo.store().head(&ObjectPath::from(object.as_str())).await.is_ok() {
+        return Err(Error::Conflict(format!("volume {name} already exists")));
+    }
+    let (snapshot, how) = match from {
+        Some(spec) => {
+            let (id, snap) = repo.resolve_snapshot(spec).await?;
+            (derive(repo, name, 1, id, &snap, None).await?, format!("create from {}", id.short()))
+        }
+        None => {
+            let empty = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            let mut opts = PushOptions::new(empty.path(), Kind::Fs);
+            opts.parent = ParentSpec::None;
+            opts.label = Some(label(name));
+            opts.tags = tags(name, 1);
+            let summary = push::push(repo, &opts, &push::NoProgress, &AtomicBool::new(false)).await?;
+            (summary.snapshot, "create".to_string())
+        }
+    };
+    let head = Head {
+        format: 1,
+        name: name.into(),
+        version: 1,
+        snapshot,
+        history: vec![Version { version: 1, snapshot, time: now(), host: host_name(), how }],
+    };
+    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+    match repo
+        .store()
+        .put_opts(&ObjectPath::from(object.as_str()), PutPayload::from(head.encode()), opts)
+        .await
+    {
+        Ok(_) => Ok(head),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            forget_root(repo, &snapshot).await;
+            Err(Error::Conflict(format!("volume {name} already exists")))
+        }
+        Err(e) => Err(Error::store(object, e)),
+    }
+}
+
+/// Move the head from `current` to `snapshot` as the next version. A head that moved since
+/// `current` was read is a [`Error::Conflict`] and `snapshot` is forgotten again.
+pub async fn advance(repo: &Repository, current: &ReadHead, snapshot: Id, how: &str) -> Result<Head> {
+    let mut head = current.head.clone();
+    head.version += 1;
+    head.snapshot = snapshot;
+    head.history.push(Version {
+        version: head.version,
+        snapshot,
+        time: now(),
+        host: host_name(),
+        how: how.into(),
+    });
+    let object = volume::object_name(&head.name);
+    let opts = PutOptions { mode: PutMode::Update(current.etag.clone()), ..Default::default() };
+    match repo
+        .store()
+        .put_opts(&ObjectPath::from(object.as_str()), PutPayload::from(head.encode()), opts)
+        .await
+    {
+        Ok(_) => Ok(head),
+        Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::NotFound { .. }) => {
+            forget_root(repo, &snapshot).await;
+            let now = match read(repo, &head.name).await {
+                Ok(r) => format!(
+                    "it is now at version {} ({})",
+                    r.head.version,
+                    r.head.history.last().map(|v| v.host.as_str()).unwrap_or("?")
+                ),
+                Err(_) => "it was deleted".into(),
+            };
+            Err(Error::Conflict(format!(
+                "volume {} moved while committing on version {}: {now}; nothing was committed, retry on the new head",
+                head.name, current.head.version
+            )))
+        }
+        Err(e) => Err(Error::store(object, e)),
+    }
+}
+
+/// A loser's snapshot root is removed so only the head's history holds volume versions.
+/// Failing to remove it loses nothing (it is an extra snapshot), so errors are only logged.
+async fn forget_root(repo: &Repository, id: &Id) {
+    if let Err(e) = repo.store().delete(&ObjectPath::from(snapshot::object_name(id))).await {
+        tracing::warn!("could not remove the uncommitted snapshot {id}: {e}");
+    }
+}
+
+/// Fail early, before any work, when the head is no longer `expected`.
+fn expect_version(current: &ReadHead, expected: Option<u64>) -> Result<()> {
+    match expected {
+        Some(v) if v != current.head.version => Err(Error::Conflict(format!(
+            "volume {} is at version {}, not {v}; nothing was committed",
+            current.head.name, current.head.version
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `cairn push --volume NAME DIR`: commit a directory as the volume's next version.
+pub async fn push_dir(
+    repo: &Repository,
+    name: &str,
+    source: &Path,
+    progress: &dyn PushProgress,
+    cancel: &AtomicBool,
+) -> Result<(PushSummary, Head)> {
+    let current = read(repo, name).await?;
+    let mut opts = PushOptions::new(source, Kind::Fs);
+    opts.parent = ParentSpec::Id(current.head.snapshot.to_hex());
+    opts.label = Some(label(name));
+    opts.tags = tags(name, current.head.version + 1);
+    let summary = push::push(repo, &opts, progress, cancel).await?;
+    let head = advance(repo, &current, summary.snapshot, "push").await?;
+    Ok((summary, head))
+}
+
+/// Commit an overlay: `upper` holds the changes made over snapshot `base`; the result
+/// becomes the version after `expected` (the version the writer last saw).
+pub async fn commit_overlay(
+    repo: &Repository,
+    name: &str,
+    expected: u64,
+    base: &Id,
+    upper: &Path,
+    cancel: &AtomicBool,
+) -> Result<(PushSummary, Head)> {
+    let current = read(repo, name).await?;
+    expect_version(&current, Some(expected))?;
+    let base_snap = repo.resolve_snapshot(&base.to_hex()).await?.1;
+    let mut opts = PushOptions::new(upper, Kind::Fs);
+    opts.parent = ParentSpec::Id(current.head.snapshot.to_hex());
+    opts.label = Some(label(name));
+    opts.tags = tags(name, current.head.version + 1);
+    opts.overlay = Some(OverlayBase { snapshot: *base, root: base_snap.root });
+    let summary = push::push(repo, &opts, &push::NoProgress, cancel).await?;
+    let head = advance(repo, &current, summary.snapshot, "commit").await?;
+    Ok((summary, head))
+}
+
+/// Make version `version` hold what `version` held before: a new version, never a rewrite
+/// of history.
+pub async fn rollback(repo: &Repository, name: &str, version: u64) -> Result<Head> {
+    let current = read(repo, name).await?;
+    let target = current
+        .head
+        .find(version)
+        .ok_or_else(|| Error::NotFound(format!("version {version} of volume {name}")))?
+        .snapshot;
+    let snap = repo.fetch_snapshot(&target).await.map_err(|e| match e {
+        Error::NotFound(_) => Error::Usage(format!(
+            "version {version} of volume {name} (snapshot {target}) was forgotten and cannot be restored"
+        )),
+        e => e,
+    })?;
+    let id = derive(repo, name, current.head.version + 1, target, &snap, Some(current.head.snapshot)).await?;
+    advance(repo, &current, id, &format!("rollback to {version}")).await
+}
+
+/// Delete a volume's head. Its versions stay as ordinary snapshots until forgotten.
+pub async fn delete(repo: &Repository, name: &str) -> Result<Head> {
+    let current = read(repo, name).await?;
+    let object = volume::object_name(name);
+    repo.store().delete(&ObjectPath::from(object.as_str())).await.map_err(|e| Error::store(object, e))?;
+    Ok(current.head)
+}
+
+/// A new snapshot root holding `from`'s tree, tagged as version `version` of `name`. It
+/// references chunks it did not store, so it is written under a lease, and only once `from`
+/// is known to still exist (see [`overlay::check_base_alive`]).
+async fn derive(
+    repo: &Repository,
+    name: &str,
+    version: u64,
+    from_id: Id,
+    from: &Snapshot,
+    parent: Option<Id>,
+) -> Result<Id> {
+    let host = host_name();
+    let lease = WriterLease::acquire(repo.store().clone(), &host).await?;
+    let result = async {
+        overlay::check_base_alive(repo, &from_id).await?;
+        let snap = Snapshot {
+            format: 1,
+            time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            host: host.clone(),
+            source: label(name),
+            kind: from.kind,
+            tags: tags(name, version),
+            parent: parent.or(Some(from_id)),
+            expires: None,
+            root: from.root.clone(),
+            meta_packs: from.meta_packs.clone(),
+            stats: snapshot::SnapshotStats {
+                new_chunks: 0,
+                new_bytes: 0,
+                stored_bytes: 0,
+                ..from.stats.clone()
+            },
+        };
+        let (id, bytes) = snap.encode();
+        lease.commit(id, &bytes).await?;
+        repo.put(&snapshot::object_name(&id), bytes).await?;
+        Ok(id)
+    }
+    .await;
+    let _ = lease.release().await;
+    result
+}
