@@ -36,6 +36,9 @@ pub struct ForgetArgs {
     /// Only consider snapshots carrying this tag; repeatable.
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
+    /// Only consider the versions of this volume (its head is always kept).
+    #[arg(long)]
+    pub volume: Option<String>,
     /// Print what would go and why, delete nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -62,6 +65,7 @@ pub async fn forget(repo: &cairn_store::Repository, args: &ForgetArgs, json: boo
         },
         host: args.host.clone(),
         tags: pairs(&args.tags)?,
+        volume: args.volume.clone(),
         dry_run: args.dry_run,
     };
     let report = cairn_gc::forget(repo, &opts, std::time::SystemTime::now()).await?;

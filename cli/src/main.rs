@@ -93,6 +93,9 @@ enum Command {
         /// host committed first; retry).
         #[arg(long, conflicts_with_all = ["kind", "parent", "expire_in", "tags"])]
         volume: Option<String>,
+        /// With --volume: commit only if the head is still at this version (else exit code 4).
+        #[arg(long, requires = "volume")]
+        expect_version: Option<u64>,
     },
     /// List snapshots, oldest first.
     Snapshots,
@@ -266,16 +269,17 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 println!("created repository {} at {url}", repo.config().id);
             }
         }
-        Command::Push { path, volume: Some(name), .. } => {
+        Command::Push { path, volume: Some(name), expect_version, .. } => {
             let repo = open(&cli).await?;
             let bar = progress::Bar::bytes(None, "push");
-            let result = cairn_store::volume::push_dir(&repo, name, path, &bar, cancel).await;
+            let result =
+                cairn_store::volume::push_dir(&repo, name, path, *expect_version, &bar, cancel).await;
             bar.finish();
             let (summary, head) =
                 result.with_context(|| format!("pushing {} to volume {name}", path.display()))?;
             volume_cmd::report_commit(&summary, &head, cli.json)?;
         }
-        Command::Push { path, kind, tags, parent, expire_in, host, volume: None } => {
+        Command::Push { path, kind, tags, parent, expire_in, host, volume: None, .. } => {
             let repo = open(&cli).await?;
             let tags = tags
                 .iter()

@@ -3,11 +3,12 @@
 //! Only roots (and their access traces) are deleted here; the chunks they alone referenced
 //! stay until `gc` proves nothing else needs them. Forgetting is therefore safe alongside any
 //! writer: a push whose parent is forgotten still finds every chunk it deduplicated against.
+//! The snapshot a volume's head names is never forgotten, whatever the rules say.
 
 use std::time::SystemTime;
 
 use cairn_store::backend::RequestStats;
-use cairn_store::format::{snapshot, trace};
+use cairn_store::format::{snapshot, trace, volume};
 use cairn_store::{Error, Repository, Result};
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStoreExt;
@@ -22,6 +23,8 @@ pub struct ForgetOptions {
     pub host: Option<String>,
     /// Only snapshots carrying all these tags are considered.
     pub tags: Vec<(String, String)>,
+    /// Only the versions of this volume are considered.
+    pub volume: Option<String>,
     pub dry_run: bool,
 }
 
@@ -42,8 +45,29 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
         .into_iter()
         .filter(|(_, s)| opts.host.as_ref().is_none_or(|h| &s.host == h))
         .filter(|(_, s)| opts.tags.iter().all(|(k, v)| s.tags.get(k) == Some(v)))
+        .filter(|(_, s)| opts.volume.as_ref().is_none_or(|v| s.tags.get(volume::TAG) == Some(v)))
         .collect();
-    let decisions = retention::decide(&in_scope, &opts.policy, now);
+    let mut decisions = retention::decide(&in_scope, &opts.policy, now);
+    // Read after the listing: a head that moved meanwhile names a snapshot newer than any
+    // listed one, and the head it moved from may go (it is history now).
+    let heads = cairn_store::volume::list(repo).await?;
+    let version_of = |id: &cairn_store::Id| {
+        let s = &in_scope.iter().find(|(i, _)| i == id)?.1;
+        Some((s.tags.get(volume::TAG)?.clone(), s.tags.get(volume::VERSION_TAG)?.parse::<u64>().ok()?))
+    };
+    for d in decisions.iter_mut() {
+        for h in heads.iter().filter(|h| h.snapshot == d.id) {
+            d.keep = true;
+            d.reasons.insert(0, format!("head of volume {}", h.name));
+        }
+        // A version newer than its head is a commit in flight: the head may move to it next.
+        if let Some((name, v)) = version_of(&d.id) {
+            if heads.iter().any(|h| h.name == name && v > h.version) {
+                d.keep = true;
+                d.reasons.insert(0, format!("volume {name} commit in flight"));
+            }
+        }
+    }
     let mut removed = 0;
     for d in decisions.iter().filter(|d| !d.keep) {
         if !opts.dry_run {

@@ -51,9 +51,13 @@ pub struct Decision {
     pub reasons: Vec<String>,
 }
 
-/// The group a snapshot's retention is counted in: same host and same source path.
+/// The group a snapshot's retention is counted in: same host and same source path; the
+/// versions of a volume form one group whichever host committed them.
 pub fn group_of(s: &Snapshot) -> String {
-    format!("{}:{}", s.host, s.source)
+    match s.tags.get(cairn_store::format::volume::TAG) {
+        Some(name) => format!("volume:{name}"),
+        None => format!("{}:{}", s.host, s.source),
+    }
 }
 
 fn secs(t: SystemTime) -> i64 {

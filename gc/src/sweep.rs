@@ -426,10 +426,21 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     if !opts.dry_run {
         version = Some(put_state(store.as_ref(), &gc_state, state.as_ref().map(|(_, v)| v)).await?);
     }
+    // Heads before roots: every snapshot a head read here names was committed before this
+    // read, so it must be among the roots listed next (forget never removes a head).
+    let heads = cairn_store::volume::list(repo).await?;
     let leases = read_leases(repo).await?;
     let listed = list_packs(repo).await?;
     repo.sync_index().await?;
     let roots = committed(repo, &leases).await?;
+    for h in &heads {
+        if !roots.iter().any(|(id, _)| *id == h.snapshot) {
+            return Err(Error::corrupt(
+                format!("volumes/{}", h.name),
+                format!("its head names snapshot {} which is missing; refusing to collect", h.snapshot),
+            ));
+        }
+    }
     let mut live = LiveSet::default();
     for (_, snap) in &roots {
         mark(repo, snap, &mut live).await?;

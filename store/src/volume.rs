@@ -179,15 +179,18 @@ fn expect_version(current: &ReadHead, expected: Option<u64>) -> Result<()> {
     }
 }
 
-/// `cairn push --volume NAME DIR`: commit a directory as the volume's next version.
+/// `cairn push --volume NAME DIR`: commit a directory as the volume's next version; with
+/// `expected`, only if the head is still at that version when the commit lands.
 pub async fn push_dir(
     repo: &Repository,
     name: &str,
     source: &Path,
+    expected: Option<u64>,
     progress: &dyn PushProgress,
     cancel: &AtomicBool,
 ) -> Result<(PushSummary, Head)> {
     let current = read(repo, name).await?;
+    expect_version(&current, expected)?;
     let mut opts = PushOptions::new(source, Kind::Fs);
     opts.parent = ParentSpec::Id(current.head.snapshot.to_hex());
     opts.label = Some(label(name));
