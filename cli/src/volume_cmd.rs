@@ -123,7 +123,10 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
                 (None, Some(m)) => rw::state_dir_of(m)?,
                 (None, None) => return Err(anyhow!("give a mountpoint or --state-dir")),
             };
-            let (summary, head) = rw::commit(repo, &dir, cancel).await?;
+            let (summary, head) = match control::request_commit(&dir).await? {
+                Some(result) => result?,
+                None => rw::commit(repo, &dir, cancel).await?,
+            };
             report_commit(&summary, &head, json)?;
         }
     }
@@ -182,10 +185,16 @@ pub async fn mount_rw(
         args.mountpoint.display(),
         state_dir.display()
     );
+    let control = control::listen(&state_dir)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            conn = control.accept() => {
+                if let Ok((stream, _)) = conn {
+                    control::serve(stream, &repo, &state_dir).await;
+                }
+            }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
                 if cancel.load(Ordering::SeqCst) || !mounted.is_mounted() {
                     break;
@@ -204,6 +213,8 @@ pub async fn mount_rw(
     } else {
         None
     };
+    drop(control);
+    let _ = std::fs::remove_file(control::socket(&state_dir));
     mounted.finish().await?;
     match committed {
         Some(Ok((summary, head))) => report_commit(&summary, &head, json)?,
@@ -227,4 +238,71 @@ pub fn is_rw_mount(path: &Path) -> bool {
 
 pub fn unmount(path: &Path) -> Result<()> {
     Ok(rw::unmount_overlay(path)?)
+}
+
+/// Commits of a running writable mount go through its daemon, which owns the local cache
+/// (chunk index and file-change cache): a separate process would work in a scratch cache
+/// and re-read every file of the upper layer. One JSON line each way over a Unix socket in
+/// the state directory (reachable only by who can reach the state directory).
+mod control {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::Result;
+    use cairn_fuse::rw;
+    use cairn_store::format::volume::Head;
+    use cairn_store::push::PushSummary;
+    use serde::{Deserialize, Serialize};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{UnixListener, UnixStream};
+
+    #[derive(Serialize, Deserialize)]
+    enum Reply {
+        Committed { head: Head, summary: PushSummary },
+        Failed { message: String, conflict: bool },
+    }
+
+    pub fn socket(state_dir: &Path) -> PathBuf {
+        state_dir.join("control.sock")
+    }
+
+    pub fn listen(state_dir: &Path) -> Result<UnixListener> {
+        let path = socket(state_dir);
+        let _ = std::fs::remove_file(&path); // left by a daemon that died; we hold mount.lock
+        Ok(UnixListener::bind(&path)?)
+    }
+
+    pub async fn serve(stream: UnixStream, repo: &cairn_store::Repository, state_dir: &Path) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        if BufReader::new(read).read_line(&mut line).await.is_err() || line.trim() != "commit" {
+            return;
+        }
+        let reply = match rw::commit(repo, state_dir, &std::sync::atomic::AtomicBool::new(false)).await {
+            Ok((summary, head)) => Reply::Committed { head, summary },
+            Err(e) => Reply::Failed {
+                conflict: matches!(&e, cairn_fuse::MountError::Store(cairn_store::Error::Conflict(_))),
+                message: e.to_string(),
+            },
+        };
+        let mut bytes = serde_json::to_vec(&reply).expect("reply serializes");
+        bytes.push(b'\n');
+        let _ = write.write_all(&bytes).await;
+    }
+
+    /// Ask the daemon of the mount using `state_dir` to commit; `None` when no daemon answers.
+    pub async fn request_commit(state_dir: &Path) -> Result<Option<Result<(PushSummary, Head)>>> {
+        let Ok(stream) = UnixStream::connect(socket(state_dir)).await else { return Ok(None) };
+        let (read, mut write) = stream.into_split();
+        write.write_all(b"commit\n").await?;
+        let mut line = String::new();
+        BufReader::new(read).read_line(&mut line).await?;
+        if line.is_empty() {
+            anyhow::bail!("the mount daemon closed the connection without answering (did it stop?)");
+        }
+        Ok(Some(match serde_json::from_str::<Reply>(&line)? {
+            Reply::Committed { head, summary } => Ok((summary, head)),
+            Reply::Failed { message, conflict: true } => Err(cairn_store::Error::Conflict(message).into()),
+            Reply::Failed { message, conflict: false } => Err(anyhow::anyhow!(message)),
+        }))
+    }
 }

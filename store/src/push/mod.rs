@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::RequestStats;
 use crate::error::{Error, Result};
@@ -77,7 +77,7 @@ pub trait PushProgress: Sync {
 pub struct NoProgress;
 impl PushProgress for NoProgress {}
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PushSummary {
     pub snapshot: Id,
     pub parent: Option<Id>,
@@ -106,6 +106,7 @@ pub async fn push(
     cancel: &AtomicBool,
 ) -> Result<PushSummary> {
     let started = Instant::now();
+    let requests_before = repo.requests();
     let source = std::fs::canonicalize(&opts.source).map_err(|e| Error::io(&opts.source, e))?;
     let host = opts.host.clone().unwrap_or_else(host_name);
     let source_str = opts.label.clone().unwrap_or_else(|| source.to_string_lossy().into_owned());
@@ -142,7 +143,7 @@ pub async fn push(
             progress,
             cancel,
             &lease,
-            PushContext { started, source, host, source_str, parent },
+            PushContext { started, requests_before, source, host, source_str, parent },
         )
         .await
     }
@@ -156,6 +157,8 @@ pub async fn push(
 
 struct PushContext {
     started: Instant,
+    /// The handle may be shared (a mount daemon commits): count only this push's requests.
+    requests_before: RequestStats,
     source: PathBuf,
     host: String,
     source_str: String,
@@ -170,7 +173,7 @@ async fn push_under_lease(
     lease: &WriterLease,
     ctx: PushContext,
 ) -> Result<PushSummary> {
-    let PushContext { started, source, host, source_str, parent } = ctx;
+    let PushContext { started, requests_before, source, host, source_str, parent } = ctx;
     let chunking = repo.config().chunking;
     let chunker = match opts.kind {
         Kind::Fs => Chunker::fs(&chunking),
@@ -273,7 +276,7 @@ async fn push_under_lease(
         stats,
         files_unchanged: c.files_unchanged.load(Relaxed),
         packs: packs.len(),
-        requests: repo.requests(),
+        requests: repo.requests().since(&requests_before),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
