@@ -254,7 +254,8 @@ pub async fn mount_rw(
         std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
     }
     let snap = repo.resolve_snapshot(&state.base.to_hex()).await?.1;
-    let lower_opts = MountOptions { allow_other: false, dev: true, suid: true, ..opts };
+    // The lower layer honours everything; the overlay's own flags decide what sandboxes get.
+    let lower_opts = MountOptions { allow_other: false, dev: true, suid: true, ..opts.clone() };
     let lower_mount = mount(repo, cache, state.base, &snap, &lower, lower_opts).await?;
     let options = format!(
         "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=off,metacopy=off,xino=off",
@@ -262,13 +263,12 @@ pub async fn mount_rw(
         upper.display(),
         work.display()
     );
-    if let Err(e) = nix::mount::mount(
-        Some("cairn"),
-        mountpoint,
-        Some("overlay"),
-        MsFlags::MS_NOATIME,
-        Some(options.as_str()),
-    ) {
+    let mut flags = MsFlags::MS_NOATIME;
+    flags.set(MsFlags::MS_NODEV, !opts.dev);
+    flags.set(MsFlags::MS_NOSUID, !opts.suid);
+    if let Err(e) =
+        nix::mount::mount(Some("cairn"), mountpoint, Some("overlay"), flags, Some(options.as_str()))
+    {
         let _ = lower_mount.unmount();
         let _ = lower_mount.finish().await;
         return Err(MountError::Mount {
@@ -334,6 +334,17 @@ pub async fn commit(
     state_dir: &Path,
     cancel: &AtomicBool,
 ) -> Result<(PushSummary, cairn_store::format::volume::Head), MountError> {
+    // Whiteouts' companions (opaque directories, redirects) are `trusted.*` xattrs, which
+    // only a privileged reader sees; without them a commit would be silently wrong.
+    if !nix::unistd::geteuid().is_root() {
+        return Err(MountError::Io {
+            path: state_dir.into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "committing a writable mount needs root (overlayfs keeps renames and opaque directories in trusted.* xattrs)",
+            ),
+        });
+    }
     let _guard = lock(state_dir, "commit.lock", "a commit of this state directory")?;
     let mut state = VolumeState::load(state_dir)?.ok_or_else(|| MountError::Io {
         path: state_dir.into(),

@@ -60,6 +60,11 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
             d.keep = true;
             d.reasons.insert(0, format!("head of volume {}", h.name));
         }
+        // The lower layer of the writable mount that made the head: it still reads it.
+        for h in heads.iter().filter(|h| h.history.last().and_then(|v| v.base) == Some(d.id)) {
+            d.keep = true;
+            d.reasons.insert(0, format!("base of volume {}'s head", h.name));
+        }
         // A version newer than its head is a commit in flight: the head may move to it next.
         if let Some((name, v)) = version_of(&d.id) {
             if heads.iter().any(|h| h.name == name && v > h.version) {

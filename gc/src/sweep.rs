@@ -435,6 +435,12 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let roots = committed(repo, &leases).await?;
     for h in &heads {
         if !roots.iter().any(|(id, _)| *id == h.snapshot) {
+            // The head may have moved on and its old snapshot been forgotten since we read it.
+            match cairn_store::volume::read(repo, &h.name).await {
+                Ok(now) if now.head.version != h.version => continue,
+                Err(Error::NotFound(_)) => continue,
+                _ => {}
+            }
             return Err(Error::corrupt(
                 format!("volumes/{}", h.name),
                 format!("its head names snapshot {} which is missing; refusing to collect", h.snapshot),

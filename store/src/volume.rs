@@ -103,7 +103,7 @@ pub async fn create(repo: &Repository, name: &str, from: Option<&str>) -> Result
         name: name.into(),
         version: 1,
         snapshot,
-        history: vec![Version { version: 1, snapshot, time: now(), host: host_name(), how }],
+        history: vec![Version { version: 1, snapshot, time: now(), host: host_name(), how, base: None }],
     };
     let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
     match repo
@@ -122,7 +122,13 @@ pub async fn create(repo: &Repository, name: &str, from: Option<&str>) -> Result
 
 /// Move the head from `current` to `snapshot` as the next version. A head that moved since
 /// `current` was read is a [`Error::Conflict`] and `snapshot` is forgotten again.
-pub async fn advance(repo: &Repository, current: &ReadHead, snapshot: Id, how: &str) -> Result<Head> {
+pub async fn advance(
+    repo: &Repository,
+    current: &ReadHead,
+    snapshot: Id,
+    how: &str,
+    base: Option<Id>,
+) -> Result<Head> {
     let mut head = current.head.clone();
     head.version += 1;
     head.snapshot = snapshot;
@@ -132,6 +138,7 @@ pub async fn advance(repo: &Repository, current: &ReadHead, snapshot: Id, how: &
         time: now(),
         host: host_name(),
         how: how.into(),
+        base,
     });
     let object = volume::object_name(&head.name);
     let opts = PutOptions { mode: PutMode::Update(current.etag.clone()), ..Default::default() };
@@ -196,7 +203,7 @@ pub async fn push_dir(
     opts.label = Some(label(name));
     opts.tags = tags(name, current.head.version + 1);
     let summary = push::push(repo, &opts, progress, cancel).await?;
-    let head = advance(repo, &current, summary.snapshot, "push").await?;
+    let head = advance(repo, &current, summary.snapshot, "push", None).await?;
     Ok((summary, head))
 }
 
@@ -219,7 +226,7 @@ pub async fn commit_overlay(
     opts.tags = tags(name, current.head.version + 1);
     opts.overlay = Some(OverlayBase { snapshot: *base, root: base_snap.root });
     let summary = push::push(repo, &opts, &push::NoProgress, cancel).await?;
-    let head = advance(repo, &current, summary.snapshot, "commit").await?;
+    let head = advance(repo, &current, summary.snapshot, "commit", Some(*base)).await?;
     Ok((summary, head))
 }
 
@@ -239,7 +246,7 @@ pub async fn rollback(repo: &Repository, name: &str, version: u64) -> Result<Hea
         e => e,
     })?;
     let id = derive(repo, name, current.head.version + 1, target, &snap, Some(current.head.snapshot)).await?;
-    advance(repo, &current, id, &format!("rollback to {version}")).await
+    advance(repo, &current, id, &format!("rollback to {version}"), None).await
 }
 
 /// Delete a volume's head. Its versions stay as ordinary snapshots until forgotten.
@@ -285,6 +292,8 @@ async fn derive(
         };
         let (id, bytes) = snap.encode();
         lease.commit(id, &bytes).await?;
+        // Again after the commit point: see `overlay::check_base_alive`.
+        overlay::check_base_alive(repo, &from_id).await?;
         repo.put(&snapshot::object_name(&id), bytes).await?;
         Ok(id)
     }

@@ -172,6 +172,22 @@ fn volume_commands_history_rollback_and_retention() {
     assert!(!gone.status.success());
     assert!(String::from_utf8_lossy(&gone.stderr).contains("was forgotten"));
 
+    // A head naming a missing snapshot stops gc before it deletes anything.
+    repo.ok(&["volume", "create", "broken", "--from", &s4]);
+    let broken = head(&repo, "broken")["snapshot"].as_str().unwrap().to_string();
+    std::fs::remove_file(tmp.path().join("repo/snapshots").join(&broken)).unwrap();
+    std::fs::write(src.join("garbage"), vec![7u8; 100_000]).unwrap();
+    let doomed = repo.push(&src, &[]);
+    std::fs::remove_file(tmp.path().join("repo/snapshots").join(&doomed)).unwrap();
+    let packs_before = repo.json(&["stats"])["data_packs"].clone();
+    let refused = repo.run(&["gc"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refusing to collect"));
+    assert_eq!(repo.json(&["stats"])["data_packs"], packs_before, "nothing deleted");
+    repo.ok(&["volume", "delete", "broken"]);
+    let collected = repo.json(&["gc"]);
+    assert!(collected["packs_deleted"].as_u64().unwrap() >= 1, "{collected}");
+
     let deleted = repo.json(&["volume", "delete", "data"]);
     assert_eq!(deleted["version"], 4);
     assert_eq!(repo.json(&["volume", "list"]).as_array().unwrap().len(), 0);
@@ -403,6 +419,32 @@ fn writable_mount_runs_real_programs_and_commits_exactly() {
     let v4 = stdout.lines().last().unwrap().to_string();
     assert_eq!(version(&repo, "work"), 4);
     assert_eq!(repo.ok(&["diff", &snap, &v4]), "+ /after\n");
+
+    // Retention keeps the head and the snapshot the state directory's lower layer shows, so
+    // the same state directory mounts and commits again after forget and gc.
+    let base = repo.json(&["volume", "history", "work"])[1]["snapshot"].as_str().unwrap().to_string();
+    let report = repo.json(&["forget", "--volume", "work", "--keep-last", "1"]);
+    let mut kept: Vec<String> = report["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    kept.sort();
+    let mut want = vec![base, v4.clone()];
+    want.sort();
+    assert_eq!(kept, want, "{report}");
+    repo.ok(&["gc"]);
+    let mnt = RwMount::start(&repo, "work", &work, &state, &[]);
+    std::fs::remove_file(work.join("after")).unwrap();
+    let v5 = repo.json(&["volume", "commit", work.to_str().unwrap()]);
+    assert_eq!(v5["head"]["version"], 5);
+    assert_eq!(repo.ok(&["diff", &v4, v5["summary"]["snapshot"].as_str().unwrap()]), "- /after\n");
+    let (ok, _, err) = mnt.stop();
+    assert!(ok, "{err}");
+    let check = repo.json(&["check", "--read-data"]);
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
 }
 
 #[test]

@@ -56,6 +56,10 @@ pub struct Version {
     pub host: String,
     /// How the version was made: "create", "push", "commit", "rollback to N".
     pub how: String,
+    /// For a commit of a writable mount: the snapshot its lower layer shows. Forget keeps the
+    /// base of the head's version, so the mount that made it keeps reading and committing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Id>,
 }
 
 impl Head {
@@ -104,6 +108,7 @@ mod tests {
             time: "2026-11-29T00:00:00Z".into(),
             host: "h".into(),
             how: "push".into(),
+            base: None,
         };
         Head {
             format: 1,

@@ -268,6 +268,11 @@ async fn push_under_lease(
     let (id, bytes) = snap.encode();
     // The commit point is the lease; the copy under snapshots/ is what readers list.
     lease.commit(id, &bytes).await?;
+    if let Some(base) = &opts.overlay {
+        // Again after the commit point (see `overlay::check_base_alive`); failing here drops
+        // the committed lease (the caller releases it) before the root is published.
+        overlay::check_base_alive(repo, &base.snapshot).await?;
+    }
     repo.put(&snapshot::object_name(&id), bytes).await?;
     lease.release().await?;
     Ok(PushSummary {

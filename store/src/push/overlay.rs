@@ -51,9 +51,12 @@ pub struct Overlay<'a> {
 
 type Lower = BTreeMap<Vec<u8>, Node>;
 
-/// A commit reuses the base's trees without reading or re-storing their chunks. That is only
-/// safe under the GC protocol if the base snapshot still exists once the writer's lease does
-/// (docs/gc.md, "derived snapshots"): then no GC can have condemned a chunk it references.
+/// A commit reuses the base's trees without reading or re-storing their chunks. Under the GC
+/// protocol (docs/gc.md, "Snapshots that reuse trees") that is safe when the base exists
+/// both once the writer's lease exists and once the lease is committed: every GC run then
+/// either marked the base (it existed at the run's first or second mark, an interval that
+/// the two checks bracket) or lists the committed lease and marks the new root itself.
+/// Writers call this before the work (to fail early) and after the lease commit.
 pub async fn check_base_alive(repo: &Repository, base: &Id) -> Result<()> {
     use object_store::ObjectStoreExt;
     let name = snapshot::object_name(base);
