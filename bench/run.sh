@@ -10,8 +10,8 @@
 #   OUT             report path             (default: docs/benchmarks.md)
 #   BENCH_TMP       where repositories, restores and copies go (default: $BENCHDATA, so they
 #                   are on the same disk as the data); a fresh temp dir is made and removed
-#   BENCH_GROUPS    groups to run           (default: "fs mem mount gc"; mount = bench/mount.py, needs root;
-#                   gc = bench/gc.py)
+#   BENCH_GROUPS    groups to run           (default: "fs mem mount gc volume"; mount = bench/mount.py,
+#                   needs root; gc = bench/gc.py; volume = bench/volume.py, needs root)
 #   SKIP_RESTIC=1   do not run restic;  SKIP_BASELINES=1  do not run the physical baselines
 #
 # The fs group also runs the "in place" scenario: fs-v1 is copied to a work dir W and pushed,
@@ -31,7 +31,7 @@ abspath() { # absolute path without requiring it to exist
 CAIRN=$(abspath "${CAIRN:-$ROOT/target/release/cairn}")
 BENCHDATA=$(abspath "${BENCHDATA:-$ROOT/benchdata}")
 OUT=$(abspath "${OUT:-$ROOT/docs/benchmarks.md}")
-GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem mount gc}
+GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem mount gc volume}
 SKIP_RESTIC=${SKIP_RESTIC:-0}
 SKIP_BASELINES=${SKIP_BASELINES:-0}
 export RESTIC_PASSWORD=bench
@@ -487,6 +487,12 @@ case " $GROUPS_TO_RUN " in
     [ -x "$SYNTH" ] || (cd "$ROOT" && cargo build --release -q -p cairn-gc --example synth_repo) || true
     CAIRN="$CAIRN" SYNTH="$SYNTH" BENCHDATA="$BENCHDATA" OUT="$OUT" BENCH_TMP="$BENCH_TMP" SKIP_RESTIC="$SKIP_RESTIC" \
       python3 "$HERE/gc.py" >/dev/null || { log "FAIL  gc group"; FAILED=$((FAILED + 1)); } ;;
+esac
+case " $GROUPS_TO_RUN " in
+  *" volume "*)
+    log "volume group: bench/volume.py (adds its section to $OUT)"
+    CAIRN="$CAIRN" BENCHDATA="$BENCHDATA" OUT="$OUT" BENCH_TMP="$BENCH_TMP" \
+      python3 "$HERE/volume.py" >/dev/null || { log "FAIL  volume group"; FAILED=$((FAILED + 1)); } ;;
 esac
 log "report written to $OUT"
 cat "$OUT"

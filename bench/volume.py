@@ -206,7 +206,8 @@ def main():
 
     lines = ["<!-- volume:begin -->", "## Volumes (bench/volume.py, one run)", "",
              "Writable mount = overlayfs over the lazy mount; upper layer on the same disk as the local "
-             "directory. Page cache dropped before each commit and write.", "",
+             "directory. Page cache dropped before each commit and write. Commit times are the whole "
+             "`cairn volume commit` command (client process, request to the mount daemon, commit, head update).", "",
              "| measure | cairn | other | ratio | note |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
     lines += ["<!-- volume:end -->"]

@@ -8,6 +8,7 @@ use cairn_store::format::lease::{GcState, Lease, LeaseState};
 use cairn_store::format::pack::{self, PackBuilder, PackKind};
 use cairn_store::format::trace::Trace;
 use cairn_store::format::tree::{self, check_name, Content, Extent, Node, NodeKind, Tree};
+use cairn_store::format::volume::{Head, Version};
 use cairn_store::{Id, Snapshot};
 use proptest::prelude::*;
 
@@ -86,6 +87,23 @@ fn check_all(data: &[u8]) {
         }
     }
     let _ = GcState::decode(data);
+    if let Ok(h) = Head::decode(data, "volumes/data") {
+        assert_eq!(h.history.last().map(|v| (v.version, v.snapshot)), Some((h.version, h.snapshot)));
+        assert!(h.history.windows(2).all(|w| w[0].version < w[1].version));
+    }
+}
+
+fn sample_head() -> Vec<u8> {
+    let v = |n: u64| Version {
+        version: n,
+        snapshot: Id::of(&n.to_le_bytes()),
+        time: "2026-11-29T00:00:00Z".into(),
+        host: "h".into(),
+        how: "commit".into(),
+        base: (n > 1).then(|| Id::of(b"base")),
+    };
+    Head { format: 1, name: "data".into(), version: 2, snapshot: v(2).snapshot, history: vec![v(1), v(2)] }
+        .encode()
 }
 
 fn sample_trace() -> Vec<u8> {
@@ -101,12 +119,13 @@ proptest! {
     }
 
     #[test]
-    fn mutated_objects(which in 0..5usize, edits in prop::collection::vec((any::<usize>(), 1u8..), 1..4), cut in any::<usize>()) {
+    fn mutated_objects(which in 0..6usize, edits in prop::collection::vec((any::<usize>(), 1u8..), 1..4), cut in any::<usize>()) {
         let base = match which {
             0 => sample_pack(),
             1 => sample_tree(),
             2 => sample_index(),
             3 => sample_trace(),
+            4 => sample_head(),
             _ => Config::new(Chunking::default()).unwrap().encode(),
         };
         let data = mutate(base, &edits, cut);
