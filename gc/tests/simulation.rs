@@ -1,6 +1,6 @@
-//! Deterministic simulation of the GC protocol: writers, forget and GC interleaved over one
-//! `InMemory` bucket, with crashes, checking after every write to the bucket that each
-//! committed snapshot is fully readable.
+//! Deterministic simulation of the GC protocol: writers, volume commits and rollbacks, forget
+//! and GC interleaved over one `InMemory` bucket, with crashes, checking after every write to
+//! the bucket that each committed snapshot is fully readable and each volume head names one.
 //!
 //! Everything runs on one current-thread tokio runtime with paused time; a wrapper store
 //! yields a seeded random number of times before each request, so proptest explores
@@ -9,7 +9,7 @@
 //! then GC state, then index; no dedup against condemned packs), because `push` itself runs
 //! its walk on blocking threads that a deterministic runtime cannot schedule.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use cairn_store::format::lease::{Lease, LeaseState};
 use cairn_store::format::pack::{self, Codec, PackBuilder, PackKind};
 use cairn_store::format::snapshot::{Kind, Snapshot, SnapshotStats};
 use cairn_store::format::tree::{Content, Extent, Node, NodeKind, Tree};
+use cairn_store::format::volume::{self, Head};
 use cairn_store::lease::WriterLease;
 use cairn_store::{Id, Repository};
 use futures::stream::BoxStream;
@@ -46,6 +47,12 @@ struct World {
     /// Per actor: requests made so far, and the request at which it "dies".
     ops: Mutex<HashMap<usize, usize>>,
     crash_at: HashMap<usize, usize>,
+    /// Actors that sleep (in paused time) before each request: whole GC runs can happen
+    /// between two of their requests, as with a stalled process on another host.
+    slow: HashSet<usize>,
+    /// An actor held before its first lease write until released (scripted scenarios).
+    gate: Option<(usize, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
+    gate_passed: std::sync::atomic::AtomicBool,
     violations: Mutex<Vec<String>>,
 }
 
@@ -79,6 +86,10 @@ impl SimStore {
             tokio::task::yield_now().await;
         }
         let actor = ACTOR.try_with(|a| *a).unwrap_or(usize::MAX);
+        if self.world.slow.contains(&actor) {
+            let ms = self.world.rng.lock().unwrap().random_range(0..50);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let mut ops = self.world.ops.lock().unwrap();
         let n = ops.entry(actor).or_default();
         *n += 1;
@@ -104,6 +115,15 @@ impl ObjectStore for SimStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.step().await?;
+        if let Some((actor, arrived, release)) = &self.world.gate {
+            if ACTOR.try_with(|a| *a) == Ok(*actor)
+                && location.as_ref().starts_with("leases/")
+                && !self.world.gate_passed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                arrived.notify_one();
+                release.notified().await;
+            }
+        }
         let r = self.inner.put_opts(location, payload, opts).await;
         self.after_write();
         r
@@ -200,6 +220,7 @@ fn check(store: &InMemory) -> Result<(), String> {
         let mut pack_bytes: HashMap<Id, Bytes> = HashMap::new();
         let mut indexed: HashSet<(Id, Id)> = HashSet::new();
         let mut roots: Vec<(String, Snapshot)> = Vec::new();
+        let mut heads: Vec<(String, Id)> = Vec::new();
         for m in &all {
             let name = m.location.to_string();
             if let Some(rest) = name.strip_prefix("packs/") {
@@ -225,6 +246,9 @@ fn check(store: &InMemory) -> Result<(), String> {
             } else if let Some(h) = name.strip_prefix("snapshots/") {
                 let id: Id = h.parse().unwrap();
                 roots.push((name.clone(), Snapshot::decode(&bytes().await, &id).map_err(|e| e.to_string())?));
+            } else if name.starts_with("volumes/") {
+                let h = Head::decode(&bytes().await, &name).map_err(|e| e.to_string())?;
+                heads.push((name, h.snapshot));
             } else if name.starts_with("leases/") {
                 let lease = Lease::decode(&bytes().await, &name).map_err(|e| e.to_string())?;
                 if let LeaseState::Committed { snapshot, root } = lease.state {
@@ -233,6 +257,11 @@ fn check(store: &InMemory) -> Result<(), String> {
                         Snapshot::decode(root.as_bytes(), &snapshot).map_err(|e| e.to_string())?,
                     ));
                 }
+            }
+        }
+        for (name, snap) in &heads {
+            if !roots.iter().any(|(r, _)| r == &format!("snapshots/{snap}")) {
+                return Err(format!("{name} names snapshot {snap}, which is not under snapshots/"));
             }
         }
         let readable = |id: &Id| -> Result<Vec<u8>, String> {
@@ -270,7 +299,12 @@ fn check(store: &InMemory) -> Result<(), String> {
 }
 
 /// A writer built from push's parts: lease → GC state → index; no dedup against condemned packs.
-async fn write_snapshot(repo: &Repository, host: &str, blobs: &[Vec<u8>]) -> cairn_store::Result<Id> {
+async fn write_snapshot(
+    repo: &Repository,
+    host: &str,
+    blobs: &[Vec<u8>],
+    tags: BTreeMap<String, String>,
+) -> cairn_store::Result<Id> {
     let lease = WriterLease::acquire(repo.store().clone(), host).await?;
     let result = async {
         repo.sync_index().await?;
@@ -335,7 +369,7 @@ async fn write_snapshot(repo: &Repository, host: &str, blobs: &[Vec<u8>]) -> cai
             host: host.into(),
             source: "/sim".into(),
             kind: Kind::Fs,
-            tags: Default::default(),
+            tags,
             parent: None,
             expires: None,
             root: Node {
@@ -364,16 +398,45 @@ async fn write_snapshot(repo: &Repository, host: &str, blobs: &[Vec<u8>]) -> cai
     result
 }
 
+/// A volume version made by the simulated writer: a snapshot tagged as the next version,
+/// then the head moved by a conditional write.
+async fn commit_volume(repo: &Repository, blobs: &[Vec<u8>]) -> cairn_store::Result<()> {
+    let current = cairn_store::volume::read(repo, VOLUME).await?;
+    let tags = BTreeMap::from([
+        (volume::TAG.to_string(), VOLUME.to_string()),
+        (volume::VERSION_TAG.to_string(), (current.head.version + 1).to_string()),
+    ]);
+    let id = write_snapshot(repo, "hv", blobs, tags).await?;
+    cairn_store::volume::advance(repo, &current, id, "push", None).await.map(|_| ())
+}
+
+const VOLUME: &str = "v";
+
 #[derive(Clone, Debug)]
 enum Act {
-    Write { host: u8, blobs: Vec<u8> },
+    Write {
+        host: u8,
+        blobs: Vec<u8>,
+    },
+    /// Commit the next version of the volume.
+    VolumeCommit {
+        blobs: Vec<u8>,
+    },
+    /// A derived snapshot: reuses an older version's trees without storing anything.
+    Rollback {
+        to: u8,
+    },
     Forget,
-    Gc { revoke_at_once: bool },
+    Gc {
+        revoke_at_once: bool,
+    },
 }
 
 fn act() -> impl Strategy<Value = Act> {
     prop_oneof![
         4 => (0u8..3, proptest::collection::vec(0u8..10, 1..5)).prop_map(|(host, blobs)| Act::Write { host, blobs }),
+        2 => proptest::collection::vec(0u8..10, 1..4).prop_map(|blobs| Act::VolumeCommit { blobs }),
+        2 => (0u8..4).prop_map(|to| Act::Rollback { to }),
         1 => Just(Act::Forget),
         2 => any::<bool>().prop_map(|revoke_at_once| Act::Gc { revoke_at_once }),
     ]
@@ -383,7 +446,12 @@ fn blob(i: u8) -> Vec<u8> {
     (0..2000u32).map(|j| (j.wrapping_mul(31) ^ i as u32 * 7919) as u8).collect()
 }
 
-fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<(), String> {
+fn run_world(
+    seed: u64,
+    acts: Vec<Act>,
+    crashes: Vec<(usize, usize)>,
+    slow: Vec<usize>,
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let inner = Arc::new(InMemory::new());
@@ -391,6 +459,9 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
         rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
         ops: Mutex::new(HashMap::new()),
         crash_at: crashes.into_iter().collect(),
+        slow: slow.into_iter().collect(),
+        gate: None,
+        gate_passed: Default::default(),
         violations: Mutex::new(Vec::new()),
     });
     let local = tokio::task::LocalSet::new();
@@ -399,6 +470,16 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
         Repository::init_on(store.clone(), "sim://", Chunking::default(), &tmp.path().join("init"))
             .await
             .unwrap();
+        {
+            let repo = Repository::open_on(store.clone(), "sim://", &tmp.path().join("setup")).await.unwrap();
+            let first = ACTOR
+                .scope(usize::MAX - 2, async {
+                    let id = write_snapshot(&repo, "hv", &[blob(0)], BTreeMap::new()).await?;
+                    cairn_store::volume::create(&repo, VOLUME, Some(&id.to_hex())).await
+                })
+                .await;
+            first.unwrap();
+        }
         // Every actor is its own process: its own repository handle and local cache.
         let mut tasks = Vec::new();
         for (i, a) in acts.into_iter().enumerate() {
@@ -412,7 +493,14 @@ fn run_world(seed: u64, acts: Vec<Act>, crashes: Vec<(usize, usize)>) -> Result<
                 match a {
                     Act::Write { host, blobs } => {
                         let blobs: Vec<Vec<u8>> = blobs.into_iter().map(blob).collect();
-                        let _ = write_snapshot(&repo, &format!("h{host}"), &blobs).await;
+                        let _ = write_snapshot(&repo, &format!("h{host}"), &blobs, BTreeMap::new()).await;
+                    }
+                    Act::VolumeCommit { blobs } => {
+                        let blobs: Vec<Vec<u8>> = blobs.into_iter().map(blob).collect();
+                        let _ = commit_volume(&repo, &blobs).await;
+                    }
+                    Act::Rollback { to } => {
+                        let _ = cairn_store::volume::rollback(&repo, VOLUME, 1 + to as u64).await;
                     }
                     Act::Forget => {
                         let opts = ForgetOptions {
@@ -481,8 +569,76 @@ proptest! {
         seed in any::<u64>(),
         acts in proptest::collection::vec(act(), 2..8),
         crashes in proptest::collection::vec((0usize..8, 1usize..40), 0..3),
+        slow in proptest::collection::vec(0usize..8, 0..5),
     ) {
-        let r = run_world(seed, acts, crashes);
+        let r = run_world(seed, acts, crashes, slow);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }
+}
+
+/// The case the second base check exists for, scripted: a rollback reads its target version,
+/// stalls before creating its lease, and meanwhile forget removes that version and GC
+/// deletes the chunks only it held. The rollback must then commit nothing.
+#[test]
+fn a_rollback_whose_base_was_collected_meanwhile_commits_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let inner = Arc::new(InMemory::new());
+    let (arrived, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    const ROLLBACK: usize = 7;
+    let world = Arc::new(World {
+        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(1)),
+        ops: Mutex::new(HashMap::new()),
+        crash_at: HashMap::new(),
+        slow: HashSet::new(),
+        gate: Some((ROLLBACK, arrived.clone(), release.clone())),
+        gate_passed: Default::default(),
+        violations: Mutex::new(Vec::new()),
+    });
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let store: Arc<dyn ObjectStore> = Arc::new(SimStore { inner: inner.clone(), world: world.clone() });
+        Repository::init_on(store.clone(), "sim://", Chunking::default(), &tmp.path().join("init"))
+            .await
+            .unwrap();
+        let open = |name: &str| {
+            let (store, cache) = (store.clone(), tmp.path().join(name));
+            async move { Repository::open_on(store, "sim://", &cache).await }
+        };
+        let setup = open("setup").await.unwrap();
+        let first = write_snapshot(&setup, "hv", &[blob(0)], BTreeMap::new()).await.unwrap();
+        cairn_store::volume::create(&setup, VOLUME, Some(&first.to_hex())).await.unwrap();
+        // Version 2 alone holds these bytes; version 3 is the head.
+        let only_v2: Vec<u8> = (0..3000u32).map(|i| (i * 13 + 7) as u8).collect();
+        commit_volume(&setup, &[only_v2.clone()]).await.unwrap();
+        commit_volume(&setup, &[blob(1)]).await.unwrap();
+
+        let rollback = tokio::task::spawn_local(ACTOR.scope(ROLLBACK, {
+            let repo = open("rollback").await.unwrap();
+            async move { cairn_store::volume::rollback(&repo, VOLUME, 2).await }
+        }));
+        arrived.notified().await;
+        let other = open("operator").await.unwrap();
+        let opts = ForgetOptions {
+            policy: Policy { keep_last: Some(1), ..Default::default() },
+            volume: Some(VOLUME.into()),
+            ..Default::default()
+        };
+        let report = forget(&other, &opts, SystemTime::now()).await.unwrap();
+        assert_eq!(report.removed, 2, "versions 1 and 2 go, the head stays");
+        let opts =
+            GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
+        let collected = gc(&other, &opts).await.unwrap();
+        assert!(collected.packs_deleted >= 1, "the pack only version 2 used is deleted");
+        release.notify_one();
+        let result = rollback.await.unwrap();
+        assert!(
+            matches!(result, Err(cairn_store::Error::Conflict(_))),
+            "the rollback must refuse, not commit over deleted chunks: {result:?}"
+        );
+        let head = cairn_store::volume::read(&other, VOLUME).await.unwrap().head;
+        assert_eq!(head.version, 3);
+    });
+    let v = world.violations.lock().unwrap();
+    assert!(v.is_empty(), "{} violations, first: {}", v.len(), v[0]);
 }
