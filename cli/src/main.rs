@@ -534,6 +534,9 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             cairn_fuse::unmount(mountpoint)?;
         }
         Command::Volume { command } => {
+            if volume_cmd::commit_via_daemon(command, cli.json).await? {
+                return Ok(0);
+            }
             let repo = open(&cli).await?;
             volume_cmd::run(&repo, command, cli.json, cancel).await?;
         }

@@ -118,19 +118,35 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             }
         }
         VolumeCommand::Commit { mountpoint, state_dir } => {
-            let dir = match (state_dir, mountpoint) {
-                (Some(d), _) => d.clone(),
-                (None, Some(m)) => rw::state_dir_of(m)?,
-                (None, None) => return Err(anyhow!("give a mountpoint or --state-dir")),
-            };
-            let (summary, head) = match control::request_commit(&dir).await? {
-                Some(result) => result?,
-                None => rw::commit(repo, &dir, cancel).await?,
-            };
+            let dir = commit_state_dir(mountpoint, state_dir)?;
+            let (summary, head) = rw::commit(repo, &dir, cancel).await?;
             report_commit(&summary, &head, json)?;
         }
     }
     Ok(())
+}
+
+fn commit_state_dir(mountpoint: &Option<PathBuf>, state_dir: &Option<PathBuf>) -> Result<PathBuf> {
+    match (state_dir, mountpoint) {
+        (Some(d), _) => Ok(d.clone()),
+        (None, Some(m)) => Ok(rw::state_dir_of(m)?),
+        (None, None) => Err(anyhow!("give a mountpoint or --state-dir")),
+    }
+}
+
+/// `volume commit` of a running mount is done by its daemon; this needs no repository (and
+/// so does not open the local cache the daemon owns). `false` when it is not that case.
+pub async fn commit_via_daemon(cmd: &VolumeCommand, json: bool) -> Result<bool> {
+    let VolumeCommand::Commit { mountpoint, state_dir } = cmd else { return Ok(false) };
+    let dir = commit_state_dir(mountpoint, state_dir)?;
+    match control::request_commit(&dir).await? {
+        Some(result) => {
+            let (summary, head) = result?;
+            report_commit(&summary, &head, json)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 pub fn report_commit(summary: &PushSummary, head: &Head, json: bool) -> Result<()> {
