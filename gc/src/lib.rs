@@ -5,7 +5,7 @@
 //! - [`forget`] — [`forget::forget`]: delete the roots (and traces) of expired or unkept snapshots.
 //! - [`sweep`] — [`sweep::gc`]: delete packs nothing committed needs, safely alongside writers
 //!   on other hosts (the protocol is in `docs/gc.md`).
-//! - [`liveset`] — [`liveset::LiveSet`]: the marked chunks, in about 16 bytes each.
+//! - [`liveset`] — [`liveset::LiveSet`]: the marked chunks, in 8 to 12 bytes each.
 
 pub mod forget;
 pub mod liveset;

@@ -1,10 +1,12 @@
-//! [`LiveSet`]: the chunks marked live, in about 16 bytes each.
+//! [`LiveSet`]: the chunks marked live, in 8 to 12 bytes each.
 //!
-//! Chunk ids are kept as their first 128 bits in a vector that is sorted and deduplicated
+//! Chunk ids are kept as their first 64 bits in a vector that is sorted and deduplicated
 //! when it has grown enough (duplicates come from snapshots sharing data) and before it is
-//! asked. Two different chunks sharing 128 bits (about 2^-64 likely at 10^10 chunks) would
-//! only keep a dead chunk alive: the error is on the safe side. Tree ids are few and kept
-//! whole, so shared subtrees are walked once.
+//! asked. The set may only err one way: a dead chunk whose first 64 bits equal a live
+//! chunk's is kept alive (and its pack with it) — about a 1-in-200,000 chance that any such
+//! pair exists among 10^7 live and 10^7 dead chunks, and then one dead chunk is not freed.
+//! A live chunk is never reported dead. Tree ids are few and kept whole, so shared subtrees
+//! are walked once.
 
 use std::collections::HashSet;
 
@@ -12,13 +14,13 @@ use cairn_store::Id;
 
 #[derive(Default)]
 pub struct LiveSet {
-    ids: Vec<u128>,
+    ids: Vec<u64>,
     sorted: usize,
     trees: HashSet<Id>,
 }
 
-fn key(id: &Id) -> u128 {
-    u128::from_le_bytes(id.0[..16].try_into().expect("16 bytes"))
+fn key(id: &Id) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
 impl LiveSet {
@@ -26,7 +28,7 @@ impl LiveSet {
     pub fn insert(&mut self, id: &Id) {
         if self.ids.len() == self.ids.capacity() {
             // Deduplicate before growing, and grow by half rather than double: the set stays
-            // within about 24 bytes per distinct chunk at its peak.
+            // within about 12 bytes per distinct chunk at its peak.
             self.seal();
             let room = (self.ids.len() / 2).max(1 << 16);
             self.ids.reserve_exact(room);

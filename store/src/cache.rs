@@ -121,11 +121,18 @@ impl LocalCache {
         Ok(out)
     }
 
+    /// Record a segment's chunks, then the segment itself: a crash in between leaves extra
+    /// (correct) chunk entries and a segment that is read again. Written in bounded batches,
+    /// so a 250,000-chunk segment does not need a 20 MB batch in memory.
     pub fn ingest(&self, segment: &Id, seg: &IndexSegment) -> Result<()> {
+        const BATCH: usize = 16_384;
         let mut batch = WriteBatch::default();
         for pack in &seg.packs {
             for e in &pack.chunks {
                 batch.put_cf(self.cf(CF_CHUNKS), e.id.0, encode_location(&pack.id, e));
+                if batch.len() >= BATCH {
+                    self.db.write(std::mem::take(&mut batch))?;
+                }
             }
         }
         batch.put_cf(self.cf(CF_SEGMENTS), segment.0, []);

@@ -22,8 +22,12 @@ use crate::id::{ChunkId, Id, PackId};
 
 /// How many objects are fetched at once when many are needed (index segments, snapshots).
 const FETCH_CONCURRENCY: usize = 16;
-/// Index segments decode to up to ~35 MB each (250K entries); a few at once bound memory.
-const SEGMENT_CONCURRENCY: usize = 4;
+/// At most this many index segments are fetched at once (see SEGMENT_BYTES_IN_FLIGHT).
+const SEGMENT_CONCURRENCY: usize = 8;
+/// Index segments being fetched and decoded at once, by stored size: many small segments
+/// (one per push) go in parallel, big ones (GC-compacted, 250,000 chunks, about 7 MB stored
+/// and 30 MB decoded) about two at a time, which bounds memory for a 10M-chunk index.
+const SEGMENT_BYTES_IN_FLIGHT: u64 = 16 << 20;
 
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
@@ -168,12 +172,13 @@ impl Repository {
     }
 
     async fn sync_index_once(&self) -> Result<()> {
-        let listed: HashSet<Id> = self
+        let sizes: HashMap<Id, u64> = self
             .list("index")
             .await?
             .into_iter()
-            .filter_map(|(name, _)| name.strip_prefix("index/").and_then(|h| h.parse().ok()))
+            .filter_map(|(name, size)| Some((name.strip_prefix("index/")?.parse().ok()?, size)))
             .collect();
+        let listed: HashSet<Id> = sizes.keys().copied().collect();
         let mut known = self.cache.segments()?;
         if !known.is_subset(&listed) {
             tracing::info!("index segments were removed from the bucket; rebuilding the chunk index");
@@ -184,18 +189,26 @@ impl Repository {
         if !missing.is_empty() {
             tracing::debug!("reading {} new index segments", missing.len());
         }
+        const UNIT: u64 = 64 << 10;
+        let budget = tokio::sync::Semaphore::new((SEGMENT_BYTES_IN_FLIGHT / UNIT) as usize);
+        let (budget, sizes) = (&budget, &sizes);
         let mut fetches = futures::stream::iter(missing.into_iter().map(|id| async move {
+            let units =
+                sizes.get(&id).copied().unwrap_or(0).div_ceil(UNIT).clamp(1, SEGMENT_BYTES_IN_FLIGHT / UNIT);
+            let _permit = budget.acquire_many(units as u32).await.map_err(|e| Error::Usage(e.to_string()))?;
             let name = index::object_name(&id);
             let bytes = self.get(&name).await?;
             if Id::of(&bytes) != id {
                 return Err(Error::corrupt(&name, "content does not match its id"));
             }
-            Ok::<_, Error>((id, IndexSegment::decode(&bytes, &name)?))
+            let seg = IndexSegment::decode(&bytes, &name)?;
+            drop(bytes);
+            // Ingested while the permit is held: the budget covers the decoded segment too.
+            self.cache.ingest(&id, &seg)
         }))
         .buffer_unordered(SEGMENT_CONCURRENCY);
-        while let Some(seg) = fetches.next().await {
-            let (id, seg) = seg?;
-            self.cache.ingest(&id, &seg)?;
+        while let Some(done) = fetches.next().await {
+            done?;
         }
         Ok(())
     }
