@@ -94,12 +94,14 @@ def main():
             rows.append(("forget + gc, fs-v1 then fs-v2 in place, keep last 1", f"{cairn_s:.2f} s", "restic not installed", "", note))
 
         # Synthetic repositories: GC time and peak memory per live chunk.
+        cold_peaks = []
         for n in SIZES:
             repo = f"{work}/synth{n}"
             log(f"generating a {n}-chunk repository")
             subprocess.run([SYNTH, repo, str(n)], check=True, stdout=subprocess.DEVNULL)
             senv = dict(os.environ, CAIRN_REPO=repo, CAIRN_CACHE_DIR=f"{work}/scache{n}")
             cold_s, cold_rss, _ = timed([CAIRN, "gc"], senv)
+            cold_peaks.append((n, cold_rss))
             warm_s, warm_rss, _ = timed([CAIRN, "gc"], senv)
             rows.append((f"gc, synthetic {n / 1e6:g}M live chunks (+10% dead), fresh local cache",
                          f"{cold_s:.1f} s, {cold_rss / 1024:.0f} MiB = {cold_rss * 1024 / n:.0f} B/chunk", "", "",
@@ -109,6 +111,11 @@ def main():
             shutil.rmtree(repo, ignore_errors=True)
             shutil.rmtree(f"{repo}.cache", ignore_errors=True)
             shutil.rmtree(f"{work}/scache{n}", ignore_errors=True)
+        if len(cold_peaks) >= 2:
+            (n0, r0), (n1, r1) = cold_peaks[0], cold_peaks[-1]
+            rows.append((f"gc peak memory per additional live chunk, {n0 / 1e6:g}M to {n1 / 1e6:g}M",
+                         f"{(r1 - r0) * 1024 / (n1 - n0):.1f} B/chunk", "", "",
+                         "what each chunk costs above the fixed costs (process, metadata preload, RocksDB)"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
