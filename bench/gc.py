@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from section import write_section  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAIRN = os.path.abspath(os.environ.get("CAIRN", f"{ROOT}/target/release/cairn"))
 SYNTH = os.path.abspath(os.environ.get("SYNTH", f"{ROOT}/target/release/examples/synth_repo"))
@@ -119,20 +122,8 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = ["<!-- gc:begin -->", "## GC (bench/gc.py, one run)", "",
-             "Wall clock and peak RSS (GNU time) of one run on this machine (2 cores).", "",
-             "| measure | cairn | other | ratio | note |", "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
-    lines += ["<!-- gc:end -->"]
-    section = "\n".join(lines) + "\n"
-    text = open(OUT).read() if os.path.exists(OUT) else "# Benchmarks\n"
-    if "<!-- gc:begin -->" in text:
-        head, rest = text.split("<!-- gc:begin -->", 1)
-        text = head + section + rest.split("<!-- gc:end -->", 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(OUT, "w").write(text)
-    print(section)
+    print(write_section(OUT, "gc", "## GC (bench/gc.py, one run)",
+                        "Wall clock and peak RSS (GNU time) of one run on this machine (2 cores).", rows))
 
 
 if __name__ == "__main__":

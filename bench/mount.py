@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from section import write_section  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAIRN = os.path.abspath(os.environ.get("CAIRN", f"{ROOT}/target/release/cairn"))
 BENCHDATA = os.path.abspath(os.environ.get("BENCHDATA", f"{ROOT}/benchdata"))
@@ -229,23 +232,10 @@ def main():
                 subprocess.run(["fusermount3", "-u", "-z", p], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = ["<!-- mount:begin -->", "## Mount (bench/mount.py, one run)", "",
-             f"{extra['dataset']}; times are wall clock of one run on this machine (2 cores). "
-             "Cold: empty host chunk cache and the kernel's page cache dropped; warm: host chunk cache full, "
-             "a fresh mount (the kernel's cache of the mount is empty). Readers: `tar -cf - . | cat`.", "",
-             "| measure | cairn | other | ratio | note |", "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
-    lines += ["<!-- mount:end -->"]
-    section = "\n".join(lines) + "\n"
-    text = open(OUT).read() if os.path.exists(OUT) else "# Benchmarks\n"
-    if "<!-- mount:begin -->" in text:
-        head, rest = text.split("<!-- mount:begin -->", 1)
-        tail = rest.split("<!-- mount:end -->", 1)[1].lstrip("\n")
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(OUT, "w").write(text)
-    print(section)
+    print(write_section(OUT, "mount", "## Mount (bench/mount.py, one run)",
+                        f"{extra['dataset']}; times are wall clock of one run on this machine (2 cores). "
+                        "Cold: empty host chunk cache and the kernel's page cache dropped; warm: host chunk cache full, "
+                        "a fresh mount (the kernel's cache of the mount is empty). Readers: `tar -cf - . | cat`.", rows))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import tempfile
 import time
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from section import write_section  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAIRN = os.path.abspath(os.environ.get("CAIRN", f"{ROOT}/target/release/cairn"))
 BENCHDATA = os.path.abspath(os.environ.get("BENCHDATA", f"{ROOT}/benchdata"))
@@ -204,22 +207,11 @@ def main():
                 pass
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = ["<!-- volume:begin -->", "## Volumes (bench/volume.py, one run)", "",
-             "Writable mount = overlayfs over the lazy mount; upper layer on the same disk as the local "
-             "directory. Page cache dropped before each commit and write. Commit times are the whole "
-             "`cairn volume commit` command (client process, request to the mount daemon, commit, head update).", "",
-             "| measure | cairn | other | ratio | note |", "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
-    lines += ["<!-- volume:end -->"]
-    section = "\n".join(lines) + "\n"
-    text = open(OUT).read() if os.path.exists(OUT) else "# Benchmarks\n"
-    if "<!-- volume:begin -->" in text:
-        head, rest = text.split("<!-- volume:begin -->", 1)
-        text = head + section + rest.split("<!-- volume:end -->", 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(OUT, "w").write(text)
-    print(section)
+    print(write_section(OUT, "volume", "## Volumes (bench/volume.py, one run)",
+                        "Writable mount = overlayfs over the lazy mount; upper layer on the same disk as the local "
+                        "directory. Page cache dropped before each commit and write. Commit times are the whole "
+                        "`cairn volume commit` command (client process, request to the mount daemon, commit, head update).",
+                        rows))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,30 @@ struct World {
     /// between two of their requests, as with a stalled process on another host.
     slow: HashSet<usize>,
     /// An actor held before its first lease write until released (scripted scenarios).
-    gate: Option<(usize, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
+    gate: Option<Gate>,
     gate_passed: std::sync::atomic::AtomicBool,
     violations: Mutex<Vec<String>>,
+}
+
+type Gate = (usize, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>);
+
+impl World {
+    fn new(
+        seed: u64,
+        crash_at: HashMap<usize, usize>,
+        slow: HashSet<usize>,
+        gate: Option<Gate>,
+    ) -> Arc<World> {
+        Arc::new(World {
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            ops: Mutex::new(HashMap::new()),
+            crash_at,
+            slow,
+            gate,
+            gate_passed: Default::default(),
+            violations: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -455,15 +476,7 @@ fn run_world(
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let inner = Arc::new(InMemory::new());
-    let world = Arc::new(World {
-        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
-        ops: Mutex::new(HashMap::new()),
-        crash_at: crashes.into_iter().collect(),
-        slow: slow.into_iter().collect(),
-        gate: None,
-        gate_passed: Default::default(),
-        violations: Mutex::new(Vec::new()),
-    });
+    let world = World::new(seed, crashes.into_iter().collect(), slow.into_iter().collect(), None);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let store: Arc<dyn ObjectStore> = Arc::new(SimStore { inner: inner.clone(), world: world.clone() });
@@ -586,15 +599,8 @@ fn a_rollback_whose_base_was_collected_meanwhile_commits_nothing() {
     let inner = Arc::new(InMemory::new());
     let (arrived, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
     const ROLLBACK: usize = 7;
-    let world = Arc::new(World {
-        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(1)),
-        ops: Mutex::new(HashMap::new()),
-        crash_at: HashMap::new(),
-        slow: HashSet::new(),
-        gate: Some((ROLLBACK, arrived.clone(), release.clone())),
-        gate_passed: Default::default(),
-        violations: Mutex::new(Vec::new()),
-    });
+    let world =
+        World::new(1, HashMap::new(), HashSet::new(), Some((ROLLBACK, arrived.clone(), release.clone())));
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         let store: Arc<dyn ObjectStore> = Arc::new(SimStore { inner: inner.clone(), world: world.clone() });
