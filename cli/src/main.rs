@@ -91,7 +91,7 @@ enum Command {
         host: Option<String>,
         /// Commit the directory as the next version of this volume (exit code 4 when another
         /// host committed first; retry).
-        #[arg(long, conflicts_with_all = ["kind", "parent", "expire_in", "tags"])]
+        #[arg(long, conflicts_with_all = ["kind", "parent", "expire_in", "tags", "host"])]
         volume: Option<String>,
         /// With --volume: commit only if the head is still at this version (else exit code 4).
         #[arg(long, requires = "volume")]

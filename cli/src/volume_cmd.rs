@@ -195,20 +195,33 @@ pub async fn mount_rw(
     )
     .await
     .with_context(|| format!("mounting volume {name} read-write on {}", args.mountpoint.display()))?;
+    let state_dir = mounted.state_dir().to_path_buf();
+    let setup = control::listen(&state_dir).and_then(|control| {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        Ok((control, term))
+    });
+    let (control, mut term) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            mounted.finish().await?;
+            return Err(e);
+        }
+    };
     eprintln!(
         "mounted volume {name} read-write on {} (changes in {}; `cairn volume commit` to commit, \
          Ctrl-C or `cairn umount` to stop)",
         args.mountpoint.display(),
         state_dir.display()
     );
-    let control = control::listen(&state_dir)?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let commits = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         tokio::select! {
             _ = term.recv() => break,
             conn = control.accept() => {
                 if let Ok((stream, _)) = conn {
-                    control::serve(stream, &repo, &state_dir).await;
+                    // Its own task: a client that connects and says nothing must not hold up
+                    // signals, unmount detection or other commits.
+                    tokio::spawn(control::serve(stream, repo.clone(), state_dir.clone(), commits.clone()));
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
@@ -282,18 +295,32 @@ mod control {
     }
 
     pub fn listen(state_dir: &Path) -> Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
         let path = socket(state_dir);
         let _ = std::fs::remove_file(&path); // left by a daemon that died; we hold mount.lock
-        Ok(UnixListener::bind(&path)?)
+        let listener = UnixListener::bind(&path)?;
+        // The daemon commits with its own (root) rights: only its owner may ask it to.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(listener)
     }
 
-    pub async fn serve(stream: UnixStream, repo: &cairn_store::Repository, state_dir: &Path) {
+    pub async fn serve(
+        stream: UnixStream,
+        repo: std::sync::Arc<cairn_store::Repository>,
+        state_dir: PathBuf,
+        queue: std::sync::Arc<tokio::sync::Mutex<()>>,
+    ) {
         let (read, mut write) = stream.into_split();
         let mut line = String::new();
-        if BufReader::new(read).read_line(&mut line).await.is_err() || line.trim() != "commit" {
-            return;
+        let mut reader = BufReader::new(read);
+        let request = reader.read_line(&mut line);
+        match tokio::time::timeout(std::time::Duration::from_secs(10), request).await {
+            Ok(Ok(_)) if line.trim() == "commit" => {}
+            _ => return,
         }
-        let reply = match rw::commit(repo, state_dir, &std::sync::atomic::AtomicBool::new(false)).await {
+        // One commit at a time; the next request waits its turn.
+        let _turn = queue.lock().await;
+        let reply = match rw::commit(&repo, &state_dir, &std::sync::atomic::AtomicBool::new(false)).await {
             Ok((summary, head)) => Reply::Committed { head, summary },
             Err(e) => Reply::Failed {
                 conflict: matches!(&e, cairn_fuse::MountError::Store(cairn_store::Error::Conflict(_))),

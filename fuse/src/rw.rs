@@ -37,6 +37,10 @@ pub struct VolumeState {
     /// The repository's config id: a state directory never commits into another repository.
     pub repo: String,
     pub volume: String,
+    /// The volume's id: an earlier volume of the same name is another volume.
+    pub volume_id: String,
+    /// This state directory's own id, recorded in the versions it commits.
+    pub writer: String,
     /// The snapshot shown by the lower layer; the upper layer holds changes relative to it.
     pub base: Id,
     /// The volume version the current state was last committed as (or mounted from).
@@ -158,10 +162,11 @@ pub fn state_dir_of(mountpoint: &Path) -> Result<PathBuf, MountError> {
         path: mountpoint.into(),
         message: "not a writable volume mount".into(),
     })?;
-    let upper = m.options.split(',').find_map(|o| o.strip_prefix("upperdir=")).ok_or_else(|| {
-        MountError::Unmount { path: mountpoint.into(), message: "overlay without an upper layer".into() }
-    })?;
-    let dir = Path::new(upper).parent().map(Path::to_path_buf).unwrap_or_default();
+    let upper =
+        m.options.split(',').find_map(|o| o.strip_prefix("upperdir=").map(unescape)).ok_or_else(|| {
+            MountError::Unmount { path: mountpoint.into(), message: "overlay without an upper layer".into() }
+        })?;
+    let dir = Path::new(&upper).parent().map(Path::to_path_buf).unwrap_or_default();
     if VolumeState::load(&dir)?.is_none() {
         return Err(MountError::Unmount {
             path: mountpoint.into(),
@@ -171,18 +176,19 @@ pub fn state_dir_of(mountpoint: &Path) -> Result<PathBuf, MountError> {
     Ok(dir)
 }
 
-/// `cairn umount` of a writable mount: unmount the overlay (lazily when busy). The daemon
-/// notices, commits if asked to, and stops serving the lower layer.
+/// `cairn umount` of a writable mount: unmount the overlay. The daemon notices, commits if
+/// asked to, and stops serving the lower layer. A busy mount is refused rather than
+/// detached: its users could go on writing after a commit-on-unmount, and lose that.
 pub fn unmount_overlay(path: &Path) -> Result<(), MountError> {
-    match nix::mount::umount(path) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EBUSY) => {
-            tracing::warn!("{} is busy; detached it lazily", path.display());
-            nix::mount::umount2(path, MntFlags::MNT_DETACH)
-                .map_err(|e| MountError::Unmount { path: path.into(), message: e.to_string() })
-        }
-        Err(e) => Err(MountError::Unmount { path: path.into(), message: e.to_string() }),
-    }
+    nix::mount::umount(path).map_err(|e| MountError::Unmount {
+        path: path.into(),
+        message: match e {
+            nix::errno::Errno::EBUSY => "busy: processes still use it; stop them first (or detach it with \
+                                         `umount -l`, and nothing they write afterwards is committed)"
+                .into(),
+            e => e.to_string(),
+        },
+    })
 }
 
 /// Detach whatever is mounted on `path` (an overlay or a stale FUSE mount).
@@ -197,6 +203,22 @@ fn detach(path: &Path) {
             tracing::warn!("detaching stale mount {}: {e}", path.display());
         }
     }
+}
+
+fn copy_root_attributes(root: &cairn_store::format::tree::Node, dir: &Path) -> Result<(), MountError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| io(dir, e);
+    nix::unistd::chown(dir, Some(root.uid.into()), Some(root.gid.into())).map_err(|e| err(e.into()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(root.mode & 0o7777)).map_err(err)?;
+    for x in &root.xattrs {
+        let name = std::ffi::OsStr::from_bytes(&x.name);
+        if let Err(e) = xattr::set(dir, name, &x.value) {
+            tracing::warn!("{}: setting {name:?} from the volume's root: {e}", dir.display());
+        }
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(root.mtime_ns.max(0) as u64);
+    std::fs::File::open(dir).and_then(|f| f.set_modified(t)).map_err(err)
 }
 
 /// A writable volume mount: overlayfs on the mountpoint over a lazy mount of `base`.
@@ -217,6 +239,9 @@ pub async fn mount_rw(
     opts: MountOptions,
 ) -> Result<MountedVolume, MountError> {
     std::fs::create_dir_all(state_dir).map_err(|e| io(state_dir, e))?;
+    // Absolute, so the overlay's options (which `volume commit MOUNTPOINT` reads back from
+    // mountinfo) name it from anywhere.
+    let state_dir = &std::fs::canonicalize(state_dir).map_err(|e| io(state_dir, e))?;
     let guard = lock(state_dir, "mount.lock", "a mount of this state directory")?;
     let repo_id = repo.config().id.clone();
     let state = match VolumeState::load(state_dir)? {
@@ -239,6 +264,8 @@ pub async fn mount_rw(
                 format: 1,
                 repo: repo_id,
                 volume: name.into(),
+                volume_id: head.id.clone(),
+                writer: hex::encode(rand::random::<[u8; 8]>()),
                 base: head.snapshot,
                 version: head.version,
             };
@@ -246,14 +273,45 @@ pub async fn mount_rw(
             s
         }
     };
+    if let Ok(head) = volume::read(&repo, name).await.map(|r| r.head) {
+        if head.id != state.volume_id {
+            return Err(MountError::Io {
+                path: state_dir.into(),
+                source: std::io::Error::other(format!(
+                    "holds changes to an earlier volume named {name}, since deleted; move it away to mount the new one"
+                )),
+            });
+        }
+    }
     let (lower, upper, work) = (state_dir.join("lower"), state_dir.join("upper"), state_dir.join("work"));
-    // A daemon that died leaves a dead overlay and a disconnected FUSE mount behind.
-    detach(mountpoint);
-    detach(&lower);
+    // A daemon that died leaves a dead overlay and a disconnected FUSE mount behind: detach
+    // those, and nothing else.
+    if let Some(m) = mount_at(mountpoint) {
+        let upper_opt = upper.display().to_string();
+        let ours = m.fstype == "overlay"
+            && m.options
+                .split(',')
+                .any(|o| o.strip_prefix("upperdir=").map(unescape).as_ref() == Some(&upper_opt));
+        if !ours {
+            return Err(MountError::Mount {
+                path: mountpoint.into(),
+                source: std::io::Error::other(format!("something else ({}) is mounted there", m.fstype)),
+            });
+        }
+        detach(mountpoint);
+    }
+    if mount_at(&lower).is_some_and(|m| m.fstype.starts_with("fuse")) {
+        detach(&lower);
+    }
+    let snap = repo.resolve_snapshot(&state.base.to_hex()).await?.1;
+    let fresh_upper = !upper.exists();
     for d in [&lower, &upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
     }
-    let snap = repo.resolve_snapshot(&state.base.to_hex()).await?.1;
+    if fresh_upper {
+        // overlayfs shows the upper root's attributes: start them as the base root's.
+        copy_root_attributes(&snap.root, &upper)?;
+    }
     // The lower layer honours everything; the overlay's own flags decide what sandboxes get.
     let lower_opts = MountOptions { allow_other: false, dev: true, suid: true, ..opts.clone() };
     let lower_mount = mount(repo, cache, state.base, &snap, &lower, lower_opts).await?;
@@ -326,6 +384,27 @@ impl MountedVolume {
     }
 }
 
+/// A commit that moved the head but died (or lost its reply) before `state.json` recorded
+/// it: if every version after the recorded one was made by this state directory, they are
+/// ours, and the state moves up to them rather than calling the head a conflict.
+async fn adopt_lost_commits(
+    repo: &Repository,
+    state_dir: &Path,
+    state: &mut VolumeState,
+) -> Result<(), MountError> {
+    let head = volume::read(repo, &state.volume).await?.head;
+    let newer: Vec<_> = head.history.iter().filter(|v| v.version > state.version).collect();
+    if head.id == state.volume_id
+        && !newer.is_empty()
+        && newer.iter().all(|v| v.writer.as_deref() == Some(state.writer.as_str()))
+    {
+        tracing::info!("version {} was committed from here before; continuing from it", head.version);
+        state.version = head.version;
+        state.store(state_dir)?;
+    }
+    Ok(())
+}
+
 /// Commit the state of a writable mount (by its state directory) as the volume's next
 /// version. Whatever the upper layer holds is committed as it is at the time it is read:
 /// pause the sandbox (or unmount) first for a point-in-time version.
@@ -365,8 +444,15 @@ pub async fn commit(
     if let Ok(dir) = std::fs::File::open(&upper) {
         let _ = nix::unistd::syncfs(&dir);
     }
-    let (summary, head) =
-        volume::commit_overlay(repo, &state.volume, state.version, &state.base, &upper, cancel).await?;
+    adopt_lost_commits(repo, state_dir, &mut state).await?;
+    let c = volume::OverlayCommit {
+        name: &state.volume,
+        volume_id: &state.volume_id,
+        expected: state.version,
+        base: state.base,
+        writer: &state.writer,
+    };
+    let (summary, head) = volume::commit_overlay(repo, &c, &upper, cancel).await?;
     state.version = head.version;
     state.store(state_dir)?;
     Ok((summary, head))

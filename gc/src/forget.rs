@@ -51,9 +51,14 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
     // Read after the listing: a head that moved meanwhile names a snapshot newer than any
     // listed one, and the head it moved from may go (it is history now).
     let heads = cairn_store::volume::list(repo).await?;
+    // Only roots that volume commands wrote count (their source says so), and only for the
+    // volume of the same id: not an earlier, deleted volume of the same name.
     let version_of = |id: &cairn_store::Id| {
         let s = &in_scope.iter().find(|(i, _)| i == id)?.1;
-        Some((s.tags.get(volume::TAG)?.clone(), s.tags.get(volume::VERSION_TAG)?.parse::<u64>().ok()?))
+        let name = s.tags.get(volume::TAG)?;
+        (s.source == format!("volume:{name}")).then_some(())?;
+        let vid = s.tags.get(volume::ID_TAG)?;
+        Some((name.clone(), vid.clone(), s.tags.get(volume::VERSION_TAG)?.parse::<u64>().ok()?))
     };
     for d in decisions.iter_mut() {
         for h in heads.iter().filter(|h| h.snapshot == d.id) {
@@ -66,8 +71,8 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
             d.reasons.insert(0, format!("base of volume {}'s head", h.name));
         }
         // A version newer than its head is a commit in flight: the head may move to it next.
-        if let Some((name, v)) = version_of(&d.id) {
-            if heads.iter().any(|h| h.name == name && v > h.version) {
+        if let Some((name, vid, v)) = version_of(&d.id) {
+            if heads.iter().any(|h| h.name == name && h.id == vid && v > h.version) {
                 d.keep = true;
                 d.reasons.insert(0, format!("volume {name} commit in flight"));
             }

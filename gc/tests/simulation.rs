@@ -388,7 +388,7 @@ async fn write_snapshot(
             format: 1,
             time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
             host: host.into(),
-            source: "/sim".into(),
+            source: tags.get(volume::TAG).map(|n| format!("volume:{n}")).unwrap_or_else(|| "/sim".into()),
             kind: Kind::Fs,
             tags,
             parent: None,
@@ -425,10 +425,13 @@ async fn commit_volume(repo: &Repository, blobs: &[Vec<u8>]) -> cairn_store::Res
     let current = cairn_store::volume::read(repo, VOLUME).await?;
     let tags = BTreeMap::from([
         (volume::TAG.to_string(), VOLUME.to_string()),
+        (volume::ID_TAG.to_string(), current.head.id.clone()),
         (volume::VERSION_TAG.to_string(), (current.head.version + 1).to_string()),
     ]);
     let id = write_snapshot(repo, "hv", blobs, tags).await?;
-    cairn_store::volume::advance(repo, &current, id, "push", None).await.map(|_| ())
+    cairn_store::volume::advance(repo, &current, id, cairn_store::volume::Origin::how("push"))
+        .await
+        .map(|_| ())
 }
 
 const VOLUME: &str = "v";

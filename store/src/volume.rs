@@ -39,8 +39,28 @@ fn label(name: &str) -> String {
     format!("volume:{name}")
 }
 
-fn tags(name: &str, version: u64) -> BTreeMap<String, String> {
-    BTreeMap::from([(volume::TAG.into(), name.into()), (volume::VERSION_TAG.into(), version.to_string())])
+fn tags(name: &str, id: &str, version: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (volume::TAG.into(), name.into()),
+        (volume::ID_TAG.into(), id.into()),
+        (volume::VERSION_TAG.into(), version.to_string()),
+    ])
+}
+
+/// Where a new version comes from, as recorded in its history entry.
+#[derive(Clone, Debug, Default)]
+pub struct Origin {
+    pub how: String,
+    /// The lower layer of the committing writable mount.
+    pub base: Option<Id>,
+    /// The committing writable mount's state directory id.
+    pub writer: Option<String>,
+}
+
+impl Origin {
+    pub fn how(how: impl Into<String>) -> Origin {
+        Origin { how: how.into(), ..Default::default() }
+    }
 }
 
 fn checked(name: &str) -> Result<()> {
@@ -83,52 +103,68 @@ pub async fn create(repo: &Repository, name: &str, from: Option<&str>) -> Result
     if repo.store().head(&ObjectPath::from(object.as_str())).await.is_ok() {
         return Err(Error::Conflict(format!("volume {name} already exists")));
     }
+    let volume_id = hex::encode(rand::random::<[u8; 16]>());
     let (snapshot, how) = match from {
         Some(spec) => {
             let (id, snap) = repo.resolve_snapshot(spec).await?;
-            (derive(repo, name, 1, id, &snap, None).await?, format!("create from {}", id.short()))
+            let derived = derive(repo, name, &volume_id, 1, id, &snap, None).await?;
+            (derived, format!("create from {}", id.short()))
         }
         None => {
             let empty = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            // An empty volume's root looks like any new directory, not like a private tempdir.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(empty.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io(empty.path(), e))?;
             let mut opts = PushOptions::new(empty.path(), Kind::Fs);
             opts.parent = ParentSpec::None;
             opts.label = Some(label(name));
-            opts.tags = tags(name, 1);
+            opts.tags = tags(name, &volume_id, 1);
             let summary = push::push(repo, &opts, &push::NoProgress, &AtomicBool::new(false)).await?;
             (summary.snapshot, "create".to_string())
         }
     };
-    let head = Head {
-        format: 1,
-        name: name.into(),
-        version: 1,
-        snapshot,
-        history: vec![Version { version: 1, snapshot, time: now(), host: host_name(), how, base: None }],
-    };
+    let first =
+        Version { version: 1, snapshot, time: now(), host: host_name(), how, base: None, writer: None };
+    let head =
+        Head { format: 1, name: name.into(), id: volume_id, version: 1, snapshot, history: vec![first] };
     let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-    match repo
+    let put = repo
         .store()
         .put_opts(&ObjectPath::from(object.as_str()), PutPayload::from(head.encode()), opts)
-        .await
-    {
-        Ok(_) => Ok(head),
-        Err(object_store::Error::AlreadyExists { .. }) => {
-            forget_root(repo, &snapshot).await;
-            Err(Error::Conflict(format!("volume {name} already exists")))
-        }
-        Err(e) => Err(Error::store(object, e)),
+        .await;
+    if let Err(e) = put {
+        // A create retried after a lost reply finds its own head: decide by what is there.
+        return match read(repo, name).await {
+            Ok(now) if now.head.id == head.id => Ok(now.head),
+            Ok(_) if matches!(e, object_store::Error::AlreadyExists { .. }) => {
+                forget_root(repo, &snapshot).await;
+                Err(Error::Conflict(format!("volume {name} already exists")))
+            }
+            _ => Err(Error::store(object, e)),
+        };
     }
+    // The root existed before the head did, so no rule of forget protected it: a purge of
+    // an earlier volume of this name may have removed it meanwhile.
+    if overlay::check_base_alive(repo, &snapshot).await.is_err() {
+        let _ = repo.store().delete(&ObjectPath::from(object.as_str())).await;
+        return Err(Error::Conflict(format!(
+            "the first version of volume {name} was forgotten while it was created; nothing was created, retry"
+        )));
+    }
+    Ok(head)
 }
 
 /// Move the head from `current` to `snapshot` as the next version. A head that moved since
 /// `current` was read is a [`Error::Conflict`] and `snapshot` is forgotten again.
-pub async fn advance(
-    repo: &Repository,
-    current: &ReadHead,
-    snapshot: Id,
-    how: &str,
-    base: Option<Id>,
-) -> Result<Head> {
+///
+/// The store retries a conditional write whose reply was lost; the retry then fails its
+/// precondition although the first attempt landed. So on any error the head is read again
+/// and decides: if its history holds `snapshot`, the commit happened. The root is only
+/// forgotten when the store refused the write and the head does not hold it — never after
+/// an ambiguous error (a timed-out write may still land), where it stays as a commit in
+/// flight for forget to keep.
+pub async fn advance(repo: &Repository, current: &ReadHead, snapshot: Id, origin: Origin) -> Result<Head> {
     let mut head = current.head.clone();
     head.version += 1;
     head.snapshot = snapshot;
@@ -137,34 +173,39 @@ pub async fn advance(
         snapshot,
         time: now(),
         host: host_name(),
-        how: how.into(),
-        base,
+        how: origin.how,
+        base: origin.base,
+        writer: origin.writer,
     });
     let object = volume::object_name(&head.name);
     let opts = PutOptions { mode: PutMode::Update(current.etag.clone()), ..Default::default() };
-    match repo
+    let put = repo
         .store()
         .put_opts(&ObjectPath::from(object.as_str()), PutPayload::from(head.encode()), opts)
-        .await
-    {
-        Ok(_) => Ok(head),
-        Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::NotFound { .. }) => {
-            forget_root(repo, &snapshot).await;
-            let now = match read(repo, &head.name).await {
-                Ok(r) => format!(
-                    "it is now at version {} ({})",
-                    r.head.version,
-                    r.head.history.last().map(|v| v.host.as_str()).unwrap_or("?")
-                ),
-                Err(_) => "it was deleted".into(),
-            };
-            Err(Error::Conflict(format!(
-                "volume {} moved while committing on version {}: {now}; nothing was committed, retry on the new head",
-                head.name, current.head.version
-            )))
+        .await;
+    let Err(e) = put else { return Ok(head) };
+    let refused =
+        matches!(e, object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. });
+    let now = match read(repo, &head.name).await {
+        Ok(now) if now.head.id == head.id && now.head.history.iter().any(|v| v.snapshot == snapshot) => {
+            return Ok(now.head);
         }
-        Err(e) => Err(Error::store(object, e)),
+        Ok(r) => format!(
+            "it is now at version {} ({})",
+            r.head.version,
+            r.head.history.last().map(|v| v.host.as_str()).unwrap_or("?")
+        ),
+        Err(Error::NotFound(_)) => "it was deleted".into(),
+        Err(_) => return Err(Error::store(object, e)),
+    };
+    if !refused {
+        return Err(Error::store(object, e));
     }
+    forget_root(repo, &snapshot).await;
+    Err(Error::Conflict(format!(
+        "volume {} moved while committing on version {}: {now}; nothing was committed, retry on the new head",
+        head.name, current.head.version
+    )))
 }
 
 /// A loser's snapshot root is removed so only the head's history holds volume versions.
@@ -201,32 +242,52 @@ pub async fn push_dir(
     let mut opts = PushOptions::new(source, Kind::Fs);
     opts.parent = ParentSpec::Id(current.head.snapshot.to_hex());
     opts.label = Some(label(name));
-    opts.tags = tags(name, current.head.version + 1);
+    opts.tags = tags(name, &current.head.id, current.head.version + 1);
     let summary = push::push(repo, &opts, progress, cancel).await?;
-    let head = advance(repo, &current, summary.snapshot, "push", None).await?;
+    let head = advance(repo, &current, summary.snapshot, Origin::how("push")).await?;
     Ok((summary, head))
 }
 
-/// Commit an overlay: `upper` holds the changes made over snapshot `base`; the result
-/// becomes the version after `expected` (the version the writer last saw).
+/// Which volume a writable mount commits to, and what it last saw of it.
+#[derive(Clone, Debug)]
+pub struct OverlayCommit<'a> {
+    pub name: &'a str,
+    /// The volume's [`Head::id`] when the mount was made: a volume deleted and created again
+    /// under the same name is not this one.
+    pub volume_id: &'a str,
+    /// The version the mount's state was last committed as (or mounted from).
+    pub expected: u64,
+    /// The snapshot the mount's lower layer shows.
+    pub base: Id,
+    /// The id of the mount's state directory.
+    pub writer: &'a str,
+}
+
+/// Commit an overlay: `upper` holds the changes made over `c.base`; the result becomes the
+/// version after `c.expected`.
 pub async fn commit_overlay(
     repo: &Repository,
-    name: &str,
-    expected: u64,
-    base: &Id,
+    c: &OverlayCommit<'_>,
     upper: &Path,
     cancel: &AtomicBool,
 ) -> Result<(PushSummary, Head)> {
+    let (name, base) = (c.name, &c.base);
     let current = read(repo, name).await?;
-    expect_version(&current, Some(expected))?;
+    if current.head.id != c.volume_id {
+        return Err(Error::Conflict(format!(
+            "volume {name} was deleted and created again since this mount was made; nothing was committed"
+        )));
+    }
+    expect_version(&current, Some(c.expected))?;
     let base_snap = repo.resolve_snapshot(&base.to_hex()).await?.1;
     let mut opts = PushOptions::new(upper, Kind::Fs);
     opts.parent = ParentSpec::Id(current.head.snapshot.to_hex());
     opts.label = Some(label(name));
-    opts.tags = tags(name, current.head.version + 1);
+    opts.tags = tags(name, &current.head.id, current.head.version + 1);
     opts.overlay = Some(OverlayBase { snapshot: *base, root: base_snap.root });
     let summary = push::push(repo, &opts, &push::NoProgress, cancel).await?;
-    let head = advance(repo, &current, summary.snapshot, "commit", Some(*base)).await?;
+    let origin = Origin { how: "commit".into(), base: Some(*base), writer: Some(c.writer.to_string()) };
+    let head = advance(repo, &current, summary.snapshot, origin).await?;
     Ok((summary, head))
 }
 
@@ -245,8 +306,9 @@ pub async fn rollback(repo: &Repository, name: &str, version: u64) -> Result<Hea
         )),
         e => e,
     })?;
-    let id = derive(repo, name, current.head.version + 1, target, &snap, Some(current.head.snapshot)).await?;
-    advance(repo, &current, id, &format!("rollback to {version}"), None).await
+    let next = current.head.version + 1;
+    let id = derive(repo, name, &current.head.id, next, target, &snap, Some(current.head.snapshot)).await?;
+    advance(repo, &current, id, Origin::how(format!("rollback to {version}"))).await
 }
 
 /// Delete a volume's head. Its versions stay as ordinary snapshots until forgotten.
@@ -263,6 +325,7 @@ pub async fn delete(repo: &Repository, name: &str) -> Result<Head> {
 async fn derive(
     repo: &Repository,
     name: &str,
+    volume_id: &str,
     version: u64,
     from_id: Id,
     from: &Snapshot,
@@ -278,7 +341,7 @@ async fn derive(
             host: host.clone(),
             source: label(name),
             kind: from.kind,
-            tags: tags(name, version),
+            tags: tags(name, volume_id, version),
             parent: parent.or(Some(from_id)),
             expires: None,
             root: from.root.clone(),

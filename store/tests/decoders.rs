@@ -101,9 +101,17 @@ fn sample_head() -> Vec<u8> {
         host: "h".into(),
         how: "commit".into(),
         base: (n > 1).then(|| Id::of(b"base")),
+        writer: (n > 1).then(|| "w1".to_string()),
     };
-    Head { format: 1, name: "data".into(), version: 2, snapshot: v(2).snapshot, history: vec![v(1), v(2)] }
-        .encode()
+    Head {
+        format: 1,
+        name: "data".into(),
+        id: "0123abcd".into(),
+        version: 2,
+        snapshot: v(2).snapshot,
+        history: vec![v(1), v(2)],
+    }
+    .encode()
 }
 
 fn sample_trace() -> Vec<u8> {

@@ -29,6 +29,10 @@ struct FaultStore {
     put_prefix: std::sync::Mutex<Option<(String, usize)>>,
     fail_gets: AtomicBool,
     puts_seen: AtomicUsize,
+    /// The next conditional update under this prefix loses its reply: applied and then
+    /// reported as a failed precondition (what a retry after a lost reply sees), or not
+    /// applied and reported as an error that says nothing (a timeout).
+    lose_reply: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 impl FaultStore {
@@ -38,6 +42,7 @@ impl FaultStore {
             put_prefix: Default::default(),
             fail_gets: AtomicBool::new(false),
             puts_seen: AtomicUsize::new(0),
+            lose_reply: Default::default(),
         })
     }
     fn fail_puts(&self, prefix: &str, after: usize) {
@@ -73,7 +78,29 @@ impl ObjectStore for FaultStore {
                 return Err(Self::injected(location));
             }
         }
-        self.inner.put_opts(location, payload, opts).await
+        let lose = {
+            let mut l = self.lose_reply.lock().unwrap();
+            match &*l {
+                Some((prefix, _))
+                    if location.as_ref().starts_with(prefix.as_str())
+                        && matches!(opts.mode, object_store::PutMode::Update(_)) =>
+                {
+                    l.take().map(|(_, applied)| applied)
+                }
+                _ => None,
+            }
+        };
+        match lose {
+            Some(true) => {
+                self.inner.put_opts(location, payload, opts).await?;
+                Err(object_store::Error::Precondition {
+                    path: location.to_string(),
+                    source: "retried".into(),
+                })
+            }
+            Some(false) => Err(Self::injected(location)),
+            None => self.inner.put_opts(location, payload, opts).await,
+        }
     }
     async fn put_multipart_opts(
         &self,
@@ -331,4 +358,50 @@ fn a_killed_push_or_restore_leaves_every_snapshot_whole() {
     assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
     repo.ok(&["restore", &again, out.to_str().unwrap()]);
     assert_same_tree(&src, &out);
+}
+
+/// object_store retries a conditional write whose reply was lost, and the retry then fails
+/// its precondition although the first attempt landed. A volume commit must see that it
+/// won (not delete its own version); and after an error that says nothing about the write,
+/// it must keep its snapshot root (the write may still land).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_commit_whose_reply_is_lost_is_neither_lost_nor_doubled() {
+    use cairn_store::volume;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tree(&src, 3, 10_000);
+    let faults = FaultStore::new();
+    let repo =
+        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
+            .await
+            .unwrap();
+    let cancel = AtomicBool::new(false);
+    volume::create(&repo, "v", None).await.unwrap();
+    volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
+
+    *faults.lose_reply.lock().unwrap() = Some(("volumes/".into(), true));
+    std::fs::write(src.join("new"), b"landed").unwrap();
+    let (summary, head) = volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
+    assert_eq!(head.version, 3);
+    assert_eq!(head.snapshot, summary.snapshot);
+    let snap = repo.fetch_snapshot(&summary.snapshot).await.expect("the committed version's root is kept");
+    let out = tmp.path().join("out");
+    restore_to(&repo, &summary.snapshot, &out).await.unwrap();
+    assert_same_tree(&src, &out);
+    assert_eq!(snap.tags["volume.version"], "3");
+
+    *faults.lose_reply.lock().unwrap() = Some(("volumes/".into(), false));
+    std::fs::write(src.join("new"), b"maybe").unwrap();
+    let before = repo.snapshot_ids().await.unwrap().len();
+    let err = volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap_err();
+    assert!(!matches!(err, cairn_store::Error::Conflict(_)), "an unknown outcome is not a conflict: {err}");
+    assert_eq!(volume::read(&repo, "v").await.unwrap().head.version, 3);
+    assert_eq!(
+        repo.snapshot_ids().await.unwrap().len(),
+        before + 1,
+        "the root stays: the write may still land"
+    );
+    faults.heal();
+    let (_, head) = volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
+    assert_eq!(head.version, 4);
 }

@@ -1,6 +1,7 @@
 //! Volumes: heads moved by conditional writes, writable mounts used by real programs, and
 //! commits whose cost follows what changed.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -463,6 +464,7 @@ fn writable_mount_survives_a_crash_and_a_killed_commit_moves_nothing() {
     let mnt = RwMount::start(&repo, "v", &work, &state, &[]);
     assert_eq!(std::fs::read(work.join("small")).unwrap(), b"written before the crash");
 
+    // A commit is done by the mount daemon: kill the daemon half-way through one.
     let mut commit = repo
         .cmd(&["volume", "commit", work.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -470,14 +472,16 @@ fn writable_mount_survives_a_crash_and_a_killed_commit_moves_nothing() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
-    let finished_early = commit.try_wait().unwrap().is_some();
-    commit.kill().unwrap();
-    commit.wait().unwrap();
+    let finished_early = commit.try_wait().unwrap().is_some_and(|s| s.success());
+    mnt.kill9();
+    let _ = commit.wait();
     if !finished_early {
-        assert_eq!(version(&repo, "v"), 1, "a killed commit must not move the head");
+        assert_eq!(version(&repo, "v"), 1, "a commit killed half-way must not move the head");
     }
     let check = repo.json(&["check"]);
     assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    let mnt = RwMount::start(&repo, "v", &work, &state, &[]);
+    assert_eq!(std::fs::read(work.join("small")).unwrap(), b"written before the crash");
 
     let committed = repo.json(&["volume", "commit", work.to_str().unwrap()]);
     let snap = committed["summary"]["snapshot"].as_str().unwrap().to_string();
@@ -543,4 +547,38 @@ fn commit_cost_follows_the_change_not_the_volume() {
     assert_eq!(diff, "M /d3/f5\n");
     let check = repo.json(&["check"]);
     assert_eq!(check["damage"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn busy_unmount_is_refused_and_a_deleted_volumes_state_is_not_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    repo.ok(&["volume", "create", "v"]);
+    let (work, state) = (tmp.path().join("work"), tmp.path().join("state"));
+    let mut mnt = RwMount::start(&repo, "v", &work, &state, &["--commit-on-unmount"]);
+    std::fs::write(work.join("f"), b"one").unwrap();
+    // The volume's root looks like the empty volume's root, not like the state directory.
+    assert_eq!(std::fs::metadata(&work).unwrap().permissions().mode() & 0o7777, 0o755);
+    {
+        let _open = std::fs::File::open(work.join("f")).unwrap();
+        let busy = repo.run(&["umount", work.to_str().unwrap()]);
+        assert_eq!(busy.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&busy.stderr).contains("busy"), "{busy:?}");
+        assert!(is_mounted(&work), "a busy writable mount stays mounted");
+    }
+    repo.ok(&["umount", work.to_str().unwrap()]);
+    let mut child = mnt.child.take().unwrap();
+    let out = child.wait().unwrap();
+    assert!(out.success());
+    assert_eq!(version(&repo, "v"), 2, "committed on unmount");
+
+    // Another volume of the same name is not the one this state directory belongs to.
+    repo.ok(&["volume", "delete", "v"]);
+    repo.ok(&["volume", "create", "v"]);
+    let refused =
+        repo.run(&["mount", "--rw", "v", work.to_str().unwrap(), "--state-dir", state.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("earlier volume named v"), "{refused:?}");
+    assert!(!is_mounted(&work));
 }

@@ -16,6 +16,9 @@ pub const PREFIX: &str = "volumes/";
 pub const TAG: &str = "volume";
 /// The snapshot tag holding the version number a snapshot became.
 pub const VERSION_TAG: &str = "volume.version";
+/// The snapshot tag holding the volume's [`Head::id`]: a name deleted and created again is
+/// another volume.
+pub const ID_TAG: &str = "volume.id";
 
 pub fn object_name(name: &str) -> String {
     format!("{PREFIX}{name}")
@@ -40,6 +43,8 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
 pub struct Head {
     pub format: u32,
     pub name: String,
+    /// Random, chosen at create: tells this volume from an earlier one of the same name.
+    pub id: String,
     /// The newest version; equal to the last entry of `history`.
     pub version: u64,
     pub snapshot: Id,
@@ -60,6 +65,10 @@ pub struct Version {
     /// base of the head's version, so the mount that made it keeps reading and committing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<Id>,
+    /// For a commit of a writable mount: the id of the state directory that made it, so a
+    /// commit whose reply was lost can be recognised as its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 impl Head {
@@ -73,6 +82,9 @@ impl Head {
             return Err(Error::corrupt(object, format!("unsupported format {}", head.format)));
         }
         check_name(&head.name).map_err(|e| Error::corrupt(object, e))?;
+        if head.id.is_empty() || head.id.len() > 64 || !head.id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(Error::corrupt(object, "volume id must be 1 to 64 letters or digits"));
+        }
         if object.strip_prefix(PREFIX).is_some_and(|n| n != head.name) {
             return Err(Error::corrupt(object, format!("holds the head of volume {:?}", head.name)));
         }
@@ -109,10 +121,12 @@ mod tests {
             host: "h".into(),
             how: "push".into(),
             base: None,
+            writer: None,
         };
         Head {
             format: 1,
             name: "data".into(),
+            id: "abc123".into(),
             version: 2,
             snapshot: Id::of(&[2]),
             history: vec![v(1, 1), v(2, 2)],

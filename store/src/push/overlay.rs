@@ -104,18 +104,28 @@ impl Walker<'_> {
         parent: Option<&Lower>,
         ov: &Overlay,
     ) -> Result<Option<Lower>> {
-        if xattr_str(path, OPAQUE)?.is_some_and(|v| v == "y") {
+        if xattr_bytes(path, OPAQUE)?.is_some_and(|v| v == b"y") {
             return Ok(None);
         }
-        match xattr_str(path, REDIRECT)? {
-            Some(target) if target.starts_with('/') => {
-                match ov.handle.block_on(ov.repo.walk_path(&ov.root, &target)) {
-                    Ok(node) => self.lower_of(Some(&node), ov),
-                    Err(Error::NotFound(_)) => Ok(None),
-                    Err(e) => Err(e),
+        match xattr_bytes(path, REDIRECT)? {
+            // Absolute: a path from the overlay's root, looked up in the base snapshot.
+            Some(target) if target.starts_with(b"/") => {
+                let mut node = Some(ov.root.clone());
+                for part in target.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+                    node = match node.map(|n| n.kind) {
+                        Some(NodeKind::Dir { tree }) => ov.handle.block_on(ov.repo.lookup(&tree, part))?,
+                        _ => None,
+                    };
                 }
+                self.lower_of(node.as_ref(), ov)
             }
-            Some(target) => self.lower_of(parent.and_then(|l| l.get(target.as_bytes())), ov),
+            // Relative: a name in the parent's lower directory; never a path.
+            Some(target) if target.contains(&b'/') || target.is_empty() => Err(Error::Usage(format!(
+                "{}: invalid overlayfs redirect {:?}",
+                path.display(),
+                String::from_utf8_lossy(&target)
+            ))),
+            Some(target) => self.lower_of(parent.and_then(|l| l.get(&target)), ov),
             None => self.lower_of(parent.and_then(|l| l.get(name)), ov),
         }
     }
@@ -151,9 +161,15 @@ impl Walker<'_> {
                 }
                 let node = if m.is_dir() {
                     let sub = self.lower_for(&child, &child_name, lower.as_ref(), ov)?;
-                    self.overlay_dir(&child, child_name.clone(), &m, sub, ov)?
+                    match self.overlay_dir(&child, child_name.clone(), &m, sub, ov) {
+                        // Removed while a live mount is committed: as if it never was.
+                        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                            return Ok(None)
+                        }
+                        other => other?,
+                    }
                 } else {
-                    if m.is_file() && xattr_str(&child, METACOPY)?.is_some() {
+                    if m.is_file() && xattr_bytes(&child, METACOPY)?.is_some() {
                         return Err(Error::Usage(format!(
                             "{} is an overlayfs metacopy file; mount with metacopy=off",
                             child.display()
@@ -189,10 +205,20 @@ fn is_whiteout(m: &Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
 }
 
-fn xattr_str(path: &Path, name: &str) -> Result<Option<String>> {
+/// An xattr's value; absent also when the file itself vanished meanwhile.
+fn xattr_bytes(path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
     match xattr::get(path, name) {
-        Ok(v) => Ok(v.map(|v| String::from_utf8_lossy(&v).trim_end_matches('\0').to_string())),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENODATA)) => Ok(None),
+        Ok(v) => Ok(v.map(|mut v| {
+            while v.last() == Some(&0) {
+                v.pop();
+            }
+            v
+        })),
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENODATA) | Some(libc::ENOENT)) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(Error::io(path, e)),
     }
 }
