@@ -126,8 +126,8 @@ enum Command {
     Forget(gc_cmd::ForgetArgs),
     /// Delete packs no snapshot needs and compact the index; safe while other hosts push.
     Gc(gc_cmd::GcArgs),
-    /// Mount a snapshot read-only and lazily; runs in the foreground until unmounted
-    /// (Ctrl-C, SIGTERM or `cairn umount`).
+    /// Mount a snapshot read-only and lazily, or with --rw a volume read-write; runs in the
+    /// foreground until unmounted (Ctrl-C, SIGTERM or `cairn umount`).
     Mount(mount_cmd::MountArgs),
     /// Unmount a cairn mount, also when its daemon died (stale mount).
     Umount { mountpoint: PathBuf },
