@@ -384,6 +384,16 @@ impl MountedVolume {
     }
 }
 
+/// Whether this process can write and read back a `trusted.*` xattr in `dir`.
+fn sees_trusted_xattrs(dir: &Path) -> bool {
+    let probe = dir.join(".cairn-xattr-probe");
+    let ok = std::fs::write(&probe, b"").is_ok()
+        && xattr::set(&probe, "trusted.cairn.probe", b"1").is_ok()
+        && matches!(xattr::get(&probe, "trusted.cairn.probe"), Ok(Some(v)) if v == b"1");
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
 /// A commit that moved the head but died (or lost its reply) before `state.json` recorded
 /// it: if every version after the recorded one was made by this state directory, they are
 /// ours, and the state moves up to them rather than calling the head a conflict.
@@ -414,13 +424,15 @@ pub async fn commit(
     cancel: &AtomicBool,
 ) -> Result<(PushSummary, cairn_store::format::volume::Head), MountError> {
     // Whiteouts' companions (opaque directories, redirects) are `trusted.*` xattrs, which
-    // only a privileged reader sees; without them a commit would be silently wrong.
-    if !nix::unistd::geteuid().is_root() {
+    // only a privileged reader sees (not root in a user namespace); without them a commit
+    // would be silently wrong.
+    if !sees_trusted_xattrs(state_dir) {
         return Err(MountError::Io {
             path: state_dir.into(),
             source: std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                "committing a writable mount needs root (overlayfs keeps renames and opaque directories in trusted.* xattrs)",
+                "committing a writable mount needs CAP_SYS_ADMIN in the initial user namespace \
+                 (overlayfs keeps renames and opaque directories in trusted.* xattrs)",
             ),
         });
     }

@@ -215,8 +215,10 @@ async fn push_under_lease(
     let Walker { counts: c, meta_packs, .. } = walker;
     drop(packer); // closes the upload queue
     let uploaded = uploads.await.map_err(|e| Error::Usage(format!("upload task: {e}")))?;
-    let root = walked?;
+    // An upload failure (a full disk, a bucket error) stops the walk with "pack upload
+    // stopped"; report the cause, not that symptom.
     let packs = uploaded?;
+    let root = walked?;
 
     // Commit, in order: index segments (packs are all stored), then the snapshot root.
     let mut meta_packs = meta_packs.into_inner().expect("meta lock");
