@@ -244,6 +244,7 @@ pub async fn mount_rw(
     let state_dir = &std::fs::canonicalize(state_dir).map_err(|e| io(state_dir, e))?;
     let guard = lock(state_dir, "mount.lock", "a mount of this state directory")?;
     let repo_id = repo.config().id.clone();
+    let head = volume::read(&repo, name).await?.head;
     let state = match VolumeState::load(state_dir)? {
         Some(s) if s.volume != name || s.repo != repo_id => {
             return Err(MountError::Io {
@@ -259,7 +260,6 @@ pub async fn mount_rw(
             s
         }
         None => {
-            let head = volume::read(&repo, name).await?.head;
             let s = VolumeState {
                 format: 1,
                 repo: repo_id,
@@ -273,15 +273,13 @@ pub async fn mount_rw(
             s
         }
     };
-    if let Ok(head) = volume::read(&repo, name).await.map(|r| r.head) {
-        if head.id != state.volume_id {
-            return Err(MountError::Io {
-                path: state_dir.into(),
-                source: std::io::Error::other(format!(
-                    "holds changes to an earlier volume named {name}, since deleted; move it away to mount the new one"
-                )),
-            });
-        }
+    if head.id != state.volume_id {
+        return Err(MountError::Io {
+            path: state_dir.into(),
+            source: std::io::Error::other(format!(
+                "holds changes to an earlier volume named {name}, since deleted; move it away to mount the new one"
+            )),
+        });
     }
     let (lower, upper, work) = (state_dir.join("lower"), state_dir.join("upper"), state_dir.join("work"));
     // A daemon that died leaves a dead overlay and a disconnected FUSE mount behind: detach
@@ -394,27 +392,6 @@ fn sees_trusted_xattrs(dir: &Path) -> bool {
     ok
 }
 
-/// A commit that moved the head but died (or lost its reply) before `state.json` recorded
-/// it: if every version after the recorded one was made by this state directory, they are
-/// ours, and the state moves up to them rather than calling the head a conflict.
-async fn adopt_lost_commits(
-    repo: &Repository,
-    state_dir: &Path,
-    state: &mut VolumeState,
-) -> Result<(), MountError> {
-    let head = volume::read(repo, &state.volume).await?.head;
-    let newer: Vec<_> = head.history.iter().filter(|v| v.version > state.version).collect();
-    if head.id == state.volume_id
-        && !newer.is_empty()
-        && newer.iter().all(|v| v.writer.as_deref() == Some(state.writer.as_str()))
-    {
-        tracing::info!("version {} was committed from here before; continuing from it", head.version);
-        state.version = head.version;
-        state.store(state_dir)?;
-    }
-    Ok(())
-}
-
 /// Commit the state of a writable mount (by its state directory) as the volume's next
 /// version. Whatever the upper layer holds is committed as it is at the time it is read:
 /// pause the sandbox (or unmount) first for a point-in-time version.
@@ -456,7 +433,6 @@ pub async fn commit(
     if let Ok(dir) = std::fs::File::open(&upper) {
         let _ = nix::unistd::syncfs(&dir);
     }
-    adopt_lost_commits(repo, state_dir, &mut state).await?;
     let c = volume::OverlayCommit {
         name: &state.volume,
         volume_id: &state.volume_id,

@@ -53,8 +53,9 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
     let heads = cairn_store::volume::list(repo).await?;
     // Only roots that volume commands wrote count (their source says so), and only for the
     // volume of the same id: not an earlier, deleted volume of the same name.
+    let by_id: std::collections::HashMap<_, _> = in_scope.iter().map(|(id, s)| (id, s)).collect();
     let version_of = |id: &cairn_store::Id| {
-        let s = &in_scope.iter().find(|(i, _)| i == id)?.1;
+        let s = by_id.get(id)?;
         let name = s.tags.get(volume::TAG)?;
         (s.source == format!("volume:{name}")).then_some(())?;
         let vid = s.tags.get(volume::ID_TAG)?;

@@ -278,7 +278,17 @@ pub async fn commit_overlay(
             "volume {name} was deleted and created again since this mount was made; nothing was committed"
         )));
     }
-    expect_version(&current, Some(c.expected))?;
+    // Versions after `expected` that this writer made itself are not a conflict: they are
+    // commits whose reply, or whose record in the writer's state, was lost.
+    let ours = current
+        .head
+        .history
+        .iter()
+        .filter(|v| v.version > c.expected)
+        .all(|v| v.writer.as_deref() == Some(c.writer));
+    if !ours {
+        expect_version(&current, Some(c.expected))?;
+    }
     let base_snap = repo.resolve_snapshot(&base.to_hex()).await?.1;
     let mut opts = PushOptions::new(upper, Kind::Fs);
     opts.parent = ParentSpec::Id(current.head.snapshot.to_hex());

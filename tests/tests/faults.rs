@@ -405,3 +405,34 @@ async fn a_volume_commit_whose_reply_is_lost_is_neither_lost_nor_doubled() {
     let (_, head) = volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
     assert_eq!(head.version, 4);
 }
+
+/// A commit that landed but whose record in the writer's state was lost (a crash between
+/// the head update and `state.json`): the writer's next commit continues from it; another
+/// writer with the same stale expectation gets a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_adopts_its_own_lost_commit_but_not_anothers() {
+    use cairn_store::volume::{self, OverlayCommit};
+    let tmp = tempfile::tempdir().unwrap();
+    let upper = tmp.path().join("upper");
+    tree(&upper, 2, 1_000);
+    let faults = FaultStore::new();
+    let repo =
+        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
+            .await
+            .unwrap();
+    let cancel = AtomicBool::new(false);
+    let head = volume::create(&repo, "v", None).await.unwrap();
+    let commit = |writer: &'static str| OverlayCommit {
+        name: "v",
+        volume_id: &head.id,
+        expected: 1, // what a state.json that missed every later commit still says
+        base: head.snapshot,
+        writer,
+    };
+    let (_, v2) = volume::commit_overlay(&repo, &commit("w"), &upper, &cancel).await.unwrap();
+    assert_eq!(v2.version, 2);
+    let (_, v3) = volume::commit_overlay(&repo, &commit("w"), &upper, &cancel).await.unwrap();
+    assert_eq!(v3.version, 3, "the writer's own lost commit is adopted");
+    let other = volume::commit_overlay(&repo, &commit("x"), &upper, &cancel).await.unwrap_err();
+    assert!(matches!(other, cairn_store::Error::Conflict(_)), "{other}");
+}
