@@ -6,7 +6,10 @@
 set -euo pipefail
 
 need_apt=()
-[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* 2>/dev/null | head -n1)" ] || need_apt+=(libclang-dev)
+# libclang itself, not libclang-cpp (which other packages pull in and bindgen cannot use).
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+  /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so* 2>/dev/null | head -n1)" ] \
+  || need_apt+=(libclang-dev)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)

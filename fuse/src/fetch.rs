@@ -54,6 +54,7 @@ impl FetchError {
 
 type BatchResult = Arc<HashMap<ChunkId, Result<Chunk, FetchError>>>;
 type Batch = Shared<BoxFuture<'static, BatchResult>>;
+type Table = Option<Arc<Vec<PackEntry>>>;
 
 struct MemCache {
     lru: lru::LruCache<ChunkId, Chunk>,
@@ -95,6 +96,8 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<ChunkId, Batch>>,
     /// Chunk tables of packs, sorted by offset, for amplification.
     tables: Mutex<lru::LruCache<PackId, Arc<Vec<PackEntry>>>>,
+    /// Table reads in flight, so concurrent cold readers of one pack read its table once.
+    table_reads: Mutex<HashMap<PackId, Shared<BoxFuture<'static, Table>>>>,
     stats: Arc<MountStats>,
     trace: Mutex<Option<TraceRecorder>>,
     demand_active: AtomicUsize,
@@ -114,6 +117,7 @@ impl Fetcher {
             mem: Mutex::new(MemCache { lru: lru::LruCache::unbounded(), bytes: 0, cap: mem_bytes }),
             inflight: Mutex::new(HashMap::new()),
             tables: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(TABLES).expect("nonzero"))),
+            table_reads: Mutex::new(HashMap::new()),
             stats,
             trace: Mutex::new(record_trace.then(TraceRecorder::default)),
             demand_active: AtomicUsize::new(0),
@@ -446,10 +450,35 @@ impl Fetcher {
 
     /// The chunk table of a pack: from memory, else its footer and table (two small reads).
     /// `None` if it cannot be read; amplification is then skipped, nothing else.
-    async fn pack_table(&self, pack_id: PackId) -> Option<Arc<Vec<PackEntry>>> {
-        if let Some(t) = self.tables.lock().expect("table lock").get(&pack_id) {
-            return Some(t.clone());
-        }
+    async fn pack_table(self: &Arc<Self>, pack_id: PackId) -> Table {
+        let read = {
+            let mut reads = self.table_reads.lock().expect("table reads lock");
+            // Checked under the reads lock: a finished read stores its table before it leaves
+            // `table_reads`, so a table is either cached here or its read is still listed.
+            if let Some(t) = self.tables.lock().expect("table lock").get(&pack_id) {
+                return Some(t.clone());
+            }
+            reads
+                .entry(pack_id)
+                .or_insert_with(|| {
+                    let me = self.clone();
+                    async move {
+                        let table = me.read_pack_table(pack_id).await;
+                        if let Some(t) = &table {
+                            me.tables.lock().expect("table lock").put(pack_id, t.clone());
+                        }
+                        me.table_reads.lock().expect("table reads lock").remove(&pack_id);
+                        table
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        read.await
+    }
+
+    async fn read_pack_table(&self, pack_id: PackId) -> Table {
         let name = pack::object_name(&pack_id);
         let path = ObjectPath::from(name.as_str());
         let suffix =
@@ -461,9 +490,7 @@ impl Fetcher {
         let table = self.repo.store().get_range(&path, range.clone()).await.ok()?;
         let mut entries = footer.decode_table(&table, range.start, &name).ok()?;
         entries.sort_by_key(|e| e.offset);
-        let entries = Arc::new(entries);
-        self.tables.lock().expect("table lock").put(pack_id, entries.clone());
-        Some(entries)
+        Some(Arc::new(entries))
     }
 
     /// The chunks if every one is in memory or in the host cache, without waiting on anything
