@@ -85,7 +85,7 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
                 if let Some(v) = head.history.last() {
                     println!("time     {}\nhost     {}\nhow      {}", v.time, v.host, v.how);
                 }
-                println!("versions {}", head.history.len());
+                println!("versions {} listed (from v{})", head.history.len(), head.first_listed());
             }
         }
         VolumeCommand::History { name } => {
@@ -93,6 +93,15 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             if json {
                 crate::print_json(&head.history)?;
             } else {
+                if head.first_listed() > 1 {
+                    println!(
+                        "(versions before v{} are not listed in the head; they are snapshots tagged {}={}, \
+                         and rollback still reaches them)",
+                        head.first_listed(),
+                        cairn_store::format::volume::ID_TAG,
+                        head.id
+                    );
+                }
                 for v in &head.history {
                     println!("v{:<5} {} {} {:<12} {}", v.version, v.snapshot.short(), v.time, v.host, v.how);
                 }

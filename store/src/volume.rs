@@ -166,10 +166,8 @@ pub async fn create(repo: &Repository, name: &str, from: Option<&str>) -> Result
 /// flight for forget to keep.
 pub async fn advance(repo: &Repository, current: &ReadHead, snapshot: Id, origin: Origin) -> Result<Head> {
     let mut head = current.head.clone();
-    head.version += 1;
-    head.snapshot = snapshot;
-    head.history.push(Version {
-        version: head.version,
+    head.record(Version {
+        version: current.head.version + 1,
         snapshot,
         time: now(),
         host: host_name(),
@@ -279,13 +277,15 @@ pub async fn commit_overlay(
         )));
     }
     // Versions after `expected` that this writer made itself are not a conflict: they are
-    // commits whose reply, or whose record in the writer's state, was lost.
-    let ours = current
-        .head
-        .history
-        .iter()
-        .filter(|v| v.version > c.expected)
-        .all(|v| v.writer.as_deref() == Some(c.writer));
+    // commits whose reply, or whose record in the writer's state, was lost. Versions the head
+    // no longer lists cannot be told apart, so they count as someone else's.
+    let ours = current.head.first_listed() <= c.expected + 1
+        && current
+            .head
+            .history
+            .iter()
+            .filter(|v| v.version > c.expected)
+            .all(|v| v.writer.as_deref() == Some(c.writer));
     if !ours {
         expect_version(&current, Some(c.expected))?;
     }
@@ -305,11 +305,13 @@ pub async fn commit_overlay(
 /// of history.
 pub async fn rollback(repo: &Repository, name: &str, version: u64) -> Result<Head> {
     let current = read(repo, name).await?;
-    let target = current
-        .head
-        .find(version)
-        .ok_or_else(|| Error::NotFound(format!("version {version} of volume {name}")))?
-        .snapshot;
+    let target = match current.head.find(version) {
+        Some(v) => v.snapshot,
+        None if version >= 1 && version < current.head.first_listed() => {
+            older_version(repo, &current.head, version).await?
+        }
+        None => return Err(Error::NotFound(format!("version {version} of volume {name}"))),
+    };
     let snap = repo.fetch_snapshot(&target).await.map_err(|e| match e {
         Error::NotFound(_) => Error::Usage(format!(
             "version {version} of volume {name} (snapshot {target}) was forgotten and cannot be restored"
@@ -319,6 +321,36 @@ pub async fn rollback(repo: &Repository, name: &str, version: u64) -> Result<Hea
     let next = current.head.version + 1;
     let id = derive(repo, name, &current.head.id, next, target, &snap, Some(current.head.snapshot)).await?;
     advance(repo, &current, id, Origin::how(format!("rollback to {version}"))).await
+}
+
+/// A version older than the head lists: the snapshot tagged with the volume's id and that
+/// version. A root left by a commit whose outcome was unknown carries the same tags; then
+/// the candidates are named rather than guessed between.
+async fn older_version(repo: &Repository, head: &Head, version: u64) -> Result<Id> {
+    let want = version.to_string();
+    let found: Vec<Id> = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|(_, s)| {
+            s.tags.get(volume::ID_TAG) == Some(&head.id) && s.tags.get(volume::VERSION_TAG) == Some(&want)
+        })
+        .map(|(id, _)| id)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Error::Usage(format!(
+            "version {version} of volume {} was forgotten and cannot be restored",
+            head.name
+        ))),
+        many => Err(Error::Usage(format!(
+            "version {version} of volume {} is older than its head lists and {} snapshots carry its tags: {}; \
+             restore the right one by id",
+            head.name,
+            many.len(),
+            many.iter().map(|i| i.to_hex()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
 /// Delete a volume's head. Its versions stay as ordinary snapshots until forgotten.
@@ -373,4 +405,62 @@ async fn derive(
     .await;
     let _ = lease.release().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::format::config::Chunking;
+
+    use super::*;
+
+    async fn repo(dir: &Path) -> Repository {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        Repository::init_on(store, "memory://v", Chunking::default(), &dir.join("cache")).await.unwrap()
+    }
+
+    async fn rewrite_head(repo: &Repository, head: &Head) {
+        let path = ObjectPath::from(volume::object_name(&head.name).as_str());
+        repo.store().put(&path, PutPayload::from(head.encode())).await.unwrap();
+    }
+
+    /// A version the head no longer lists is found by its snapshot's tags; a version with two
+    /// tagged candidates is refused rather than guessed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rollback_reaches_versions_the_head_no_longer_lists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(tmp.path()).await;
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        create(&repo, "v", None).await.unwrap();
+        let mut roots = Vec::new();
+        for n in 0..3 {
+            std::fs::write(src.join("f"), format!("content {n}")).unwrap();
+            let (summary, _) =
+                push_dir(&repo, "v", &src, None, &push::NoProgress, &AtomicBool::new(false)).await.unwrap();
+            roots.push(repo.load_snapshot(&summary.snapshot).await.unwrap().root);
+        }
+        // Versions 2..=4 are the pushes; the head forgets 1 and 2, as a long-lived one would.
+        let mut head = read(&repo, "v").await.unwrap().head;
+        assert_eq!(head.version, 4);
+        head.history.drain(..2);
+        rewrite_head(&repo, &head).await;
+        assert_eq!(read(&repo, "v").await.unwrap().head.first_listed(), 3);
+
+        let rolled = rollback(&repo, "v", 2).await.unwrap();
+        assert_eq!(rolled.version, 5);
+        let snap = repo.load_snapshot(&rolled.snapshot).await.unwrap();
+        assert_eq!(snap.root, roots[0], "version 5 holds what version 2 held");
+
+        // A second snapshot tagged as version 2 (a commit whose outcome was unknown) is named.
+        std::fs::write(src.join("f"), "in flight").unwrap();
+        let mut opts = PushOptions::new(&src, Kind::Fs);
+        opts.tags = tags("v", &head.id, 2);
+        let stray = push::push(&repo, &opts, &push::NoProgress, &AtomicBool::new(false)).await.unwrap();
+        let err = rollback(&repo, "v", 2).await.unwrap_err().to_string();
+        assert!(err.contains(&stray.snapshot.to_hex()), "{err}");
+        assert!(matches!(rollback(&repo, "v", 99).await, Err(Error::NotFound(_))));
+        assert!(matches!(rollback(&repo, "v", 0).await, Err(Error::NotFound(_))));
+    }
 }

@@ -2,8 +2,9 @@
 //!
 //! JSON, moved only by conditional writes: created with `PutMode::Create`, advanced with
 //! `PutMode::Update` (If-Match the ETag the writer read). Two hosts committing on the same
-//! head race on that update; exactly one wins. The head lists the volume's whole history,
-//! so `volume history` and `volume rollback` need one GET.
+//! head race on that update; exactly one wins. The head lists the newest [`HISTORY_KEPT`]
+//! versions, so `volume history` and `volume rollback` need one GET; older versions stay
+//! ordinary snapshots, found by their tags.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,11 @@ pub const VERSION_TAG: &str = "volume.version";
 /// The snapshot tag holding the volume's [`Head::id`]: a name deleted and created again is
 /// another volume.
 pub const ID_TAG: &str = "volume.id";
+
+/// How many versions a head lists. The head is read and written on every commit, so it must
+/// not grow with a volume's age: a sandbox committing every minute makes 43,200 versions a
+/// month. Older versions remain snapshots tagged with the volume's id and version.
+pub const HISTORY_KEPT: usize = 1000;
 
 pub fn object_name(name: &str) -> String {
     format!("{PREFIX}{name}")
@@ -48,7 +54,7 @@ pub struct Head {
     /// The newest version; equal to the last entry of `history`.
     pub version: u64,
     pub snapshot: Id,
-    /// Every version, oldest first.
+    /// The newest versions (at most [`HISTORY_KEPT`]), oldest first.
     pub history: Vec<Version>,
 }
 
@@ -107,6 +113,20 @@ impl Head {
     pub fn find(&self, version: u64) -> Option<&Version> {
         self.history.iter().find(|v| v.version == version)
     }
+
+    /// Make `v` the newest version, dropping the oldest entries beyond [`HISTORY_KEPT`].
+    pub fn record(&mut self, v: Version) {
+        self.version = v.version;
+        self.snapshot = v.snapshot;
+        self.history.push(v);
+        let over = self.history.len().saturating_sub(HISTORY_KEPT);
+        self.history.drain(..over);
+    }
+
+    /// The oldest version the head still lists.
+    pub fn first_listed(&self) -> u64 {
+        self.history.first().map_or(self.version, |v| v.version)
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +173,21 @@ mod tests {
         let mut h = head();
         h.history.clear();
         assert!(Head::decode(&h.encode(), "volumes/data").is_err());
+    }
+
+    #[test]
+    fn history_keeps_the_newest_versions() {
+        let mut h = head();
+        let first = h.history[0].clone();
+        for n in 3..=(HISTORY_KEPT as u64 + 10) {
+            h.record(Version { version: n, snapshot: Id::of(&n.to_le_bytes()), ..first.clone() });
+        }
+        assert_eq!(h.history.len(), HISTORY_KEPT);
+        assert_eq!(h.version, HISTORY_KEPT as u64 + 10);
+        assert_eq!(h.snapshot, Id::of(&h.version.to_le_bytes()));
+        assert_eq!(h.first_listed(), 11);
+        assert!(h.find(10).is_none() && h.find(11).is_some());
+        assert_eq!(Head::decode(&h.encode(), "volumes/data").unwrap(), h);
     }
 
     #[test]
