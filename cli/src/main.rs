@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use cairn_store::commands;
-use cairn_store::format::config::Chunking;
+use cairn_store::format::config::{Chunking, MemoryCut};
 use cairn_store::push::{ParentSpec, PushOptions};
 use cairn_store::{Kind, Repository};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -64,9 +64,16 @@ enum Command {
         /// Average content-defined chunk size for files, in bytes (min = avg/4, max = avg*4).
         #[arg(long)]
         fs_chunk_avg: Option<u32>,
-        /// Fixed chunk size for memory images, in bytes (a multiple of 4096).
+        /// Chunk size for memory images, in bytes: the average for `--memory-cut pages`
+        /// (a multiple of 16384; min = size/4, max = size*4), the size for `fixed` (a
+        /// multiple of 4096). Default 262144.
         #[arg(long)]
         memory_chunk: Option<u32>,
+        /// How memory images are cut, always on page boundaries: `pages` (default) cuts where
+        /// the page content says, so the same pages at other offsets dedup; `fixed` cuts a
+        /// grid of --memory-chunk bytes.
+        #[arg(long, value_parser = ["pages", "fixed"])]
+        memory_cut: Option<String>,
         /// zstd level for chunks (1 = fastest; higher stores less and pushes slower).
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: Option<i32>,
@@ -251,7 +258,7 @@ fn bytes(n: u64) -> String {
 
 async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
     match &cli.command {
-        Command::Init { fs_chunk_avg, memory_chunk, zstd_level } => {
+        Command::Init { fs_chunk_avg, memory_chunk, memory_cut, zstd_level } => {
             let mut chunking = Chunking::default();
             if let Some(avg) = fs_chunk_avg {
                 chunking.fs_avg = *avg;
@@ -260,6 +267,9 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             }
             if let Some(m) = memory_chunk {
                 chunking.memory = *m;
+            }
+            if memory_cut.as_deref() == Some("fixed") {
+                chunking.memory_cut = MemoryCut::Fixed;
             }
             let url = repo_url(&cli)?;
             let repo = Repository::init(&url, chunking, *zstd_level, &cache_root(&cli)).await?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use cairn_store::format::config::Chunking;
+use cairn_store::format::config::{Chunking, MemoryCut};
 use cairn_store::push::{NoProgress, ParentSpec, PushOptions};
 use cairn_store::{Kind, Repository};
 use cairn_tests::assert_same_tree;
@@ -81,8 +81,34 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn memory_repo(cache: &Path) -> Repository {
+    memory_repo_with(cache, Chunking::default()).await
+}
+
+async fn memory_repo_with(cache: &Path, chunking: Chunking) -> Repository {
     let store = Arc::new(object_store::memory::InMemory::new());
-    Repository::init_on(store, "memory://", Chunking::default(), cache).await.unwrap()
+    Repository::init_on(store, "memory://", chunking, cache).await.unwrap()
+}
+
+/// An upper bound on the chunks a change can make new under page-aligned CDC: a run of data
+/// pages (between zero pages) without a changed page is cut as before, and a run holds at
+/// most one chunk per `min` bytes (and a last one).
+fn page_cdc_bound(image: &[u8], changed: &std::collections::BTreeMap<u64, u8>, min: usize) -> u64 {
+    let zero = |p: usize| image[p * 4096..(p + 1) * 4096].iter().all(|&b| b == 0);
+    let (mut bound, mut p, n) = (0, 0, image.len() / 4096);
+    while p < n {
+        if zero(p) {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < n && !zero(p) {
+            p += 1;
+        }
+        if changed.keys().any(|&c| (start as u64..p as u64).contains(&c)) {
+            bound += ((p - start) * 4096).div_ceil(min) as u64;
+        }
+    }
+    bound
 }
 
 fn opts(source: &Path, kind: Kind) -> PushOptions {
@@ -136,23 +162,32 @@ proptest! {
             }
             f.set_len(2048 * 4096).unwrap();
         };
-        write(&pages);
         let rt = runtime();
-        rt.block_on(async {
-            let repo = memory_repo(&tmp.path().join("cache")).await;
-            let cancel = AtomicBool::new(false);
-            let first = cairn_store::push::push(&repo, &opts(&img, Kind::Memory), &NoProgress, &cancel).await.unwrap();
-            write(&changed);
-            let second = cairn_store::push::push(&repo, &opts(&img, Kind::Memory), &NoProgress, &cancel).await.unwrap();
-            // Only chunks touched by the change can be new.
-            let pages_per_chunk = Chunking::default().memory as u64 / 4096;
-            let touched: std::collections::BTreeSet<u64> = changed.keys().map(|p| p / pages_per_chunk).collect();
-            assert!(second.stats.new_chunks <= touched.len() as u64, "{:?} vs {touched:?}", second.stats);
-            let snap = repo.load_snapshot(&second.snapshot).await.unwrap();
-            let out = tmp.path().join("out");
-            cairn_store::restore::restore(&repo, &snap, None, &out, &cairn_store::restore::NoProgress, &cancel).await.unwrap();
-            assert_eq!(std::fs::read(out.join("guest.mem")).unwrap(), std::fs::read(&img).unwrap());
-            assert!(first.stats.chunks <= pages.len() as u64);
-        });
+        for cut in [MemoryCut::Fixed, MemoryCut::Pages] {
+            let _ = std::fs::remove_file(&img);
+            write(&pages);
+            rt.block_on(async {
+                let chunking = Chunking { memory_cut: cut, ..Chunking::default() };
+                let repo = memory_repo_with(&tmp.path().join(format!("cache-{cut:?}")), chunking).await;
+                let cancel = AtomicBool::new(false);
+                let first = cairn_store::push::push(&repo, &opts(&img, Kind::Memory), &NoProgress, &cancel).await.unwrap();
+                write(&changed);
+                let second = cairn_store::push::push(&repo, &opts(&img, Kind::Memory), &NoProgress, &cancel).await.unwrap();
+                // Only chunks touched by the change can be new.
+                let bound = match cut {
+                    MemoryCut::Fixed => {
+                        let pages_per_chunk = chunking.memory as u64 / 4096;
+                        changed.keys().map(|p| p / pages_per_chunk).collect::<std::collections::BTreeSet<_>>().len() as u64
+                    }
+                    MemoryCut::Pages => page_cdc_bound(&std::fs::read(&img).unwrap(), &changed, chunking.memory as usize / 4),
+                };
+                assert!(second.stats.new_chunks <= bound, "{cut:?}: {:?} vs {bound}", second.stats);
+                let snap = repo.load_snapshot(&second.snapshot).await.unwrap();
+                let out = tmp.path().join(format!("out-{cut:?}"));
+                cairn_store::restore::restore(&repo, &snap, None, &out, &cairn_store::restore::NoProgress, &cancel).await.unwrap();
+                assert_eq!(std::fs::read(out.join("guest.mem")).unwrap(), std::fs::read(&img).unwrap());
+                assert!(first.stats.chunks <= pages.len() as u64);
+            });
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::packer::Packer;
 use super::PushProgress;
 use crate::cache::{FileEntry, LocalCache};
 use crate::error::{Error, IoContext, Result};
-use crate::format::config::Chunking;
+use crate::format::config::{Chunking, MemoryCut};
 use crate::format::pack::PackKind;
 use crate::format::tree::{self, Content, Extent, Node, NodeKind, Tree, Xattr};
 use crate::id::{Id, PackId};
@@ -30,14 +30,26 @@ pub enum Chunker {
     Cdc { min: u32, avg: u32, max: u32 },
     /// Fixed, page-aligned for memory images: all-zero chunks become holes.
     Fixed { size: u32 },
+    /// Page-aligned content-defined for memory images (see [`page_cuts`]): runs of zero
+    /// pages become holes.
+    Pages { min: u32, avg: u32, max: u32 },
 }
+
+const PAGE: usize = 4096;
 
 impl Chunker {
     pub fn fs(c: &Chunking) -> Chunker {
         Chunker::Cdc { min: c.fs_min, avg: c.fs_avg, max: c.fs_max }
     }
     pub fn memory(c: &Chunking) -> Chunker {
-        Chunker::Fixed { size: c.memory }
+        match c.memory_cut {
+            MemoryCut::Fixed => Chunker::Fixed { size: c.memory },
+            MemoryCut::Pages => Chunker::Pages { min: c.memory / 4, avg: c.memory, max: c.memory * 4 },
+        }
+    }
+
+    fn is_memory(&self) -> bool {
+        !matches!(self, Chunker::Cdc { .. })
     }
 }
 
@@ -258,7 +270,7 @@ impl Walker<'_> {
     /// Chunk a file: data ranges (from SEEK_DATA/SEEK_HOLE) are chunked, holes stay holes.
     fn chunk_file(&self, file: &File, meta: &Metadata, path: &Path) -> Result<Vec<Extent>> {
         let size = meta.size();
-        let maybe_sparse = meta.blocks() * 512 < size || matches!(self.chunker, Chunker::Fixed { .. });
+        let maybe_sparse = meta.blocks() * 512 < size || self.chunker.is_memory();
         let ranges = if maybe_sparse { data_ranges(file, size).at(path)? } else { vec![0..size] };
         let mut extents = Vec::new();
         let mut pos = 0;
@@ -268,6 +280,11 @@ impl Walker<'_> {
                 Chunker::Fixed { size: cs } => {
                     let cs = cs as u64;
                     ((range.start / cs * cs).max(pos), range.end.div_ceil(cs).saturating_mul(cs).min(size))
+                }
+                // Data ranges widened to whole pages, so page content decides the cuts.
+                Chunker::Pages { .. } => {
+                    let p = PAGE as u64;
+                    ((range.start / p * p).max(pos), range.end.div_ceil(p).saturating_mul(p).min(size))
                 }
                 Chunker::Cdc { .. } => (range.start, range.end),
             };
@@ -293,7 +310,7 @@ impl Walker<'_> {
             // A whole number of fixed chunks, so chunks stay on the grid.
             Chunker::Fixed { size } => (READ_BUF / size as usize).max(1) * size as usize,
             // Room for at least two maximal chunks, so a cut is never forced by the buffer.
-            Chunker::Cdc { max, .. } => READ_BUF.max(2 * max as usize),
+            Chunker::Cdc { max, .. } | Chunker::Pages { max, .. } => READ_BUF.max(2 * max as usize),
         };
         let len = (end - start).min(unit as u64) as usize;
         let mut cur = vec![0u8; len];
@@ -363,6 +380,7 @@ impl Walker<'_> {
             Chunker::Fixed { size } => {
                 (0..buf.len()).step_by(size as usize).map(|s| s..(s + size as usize).min(buf.len())).collect()
             }
+            Chunker::Pages { min, avg, max } => page_cuts(buf, min as usize, avg as usize, max as usize),
         };
         if !eof && cuts.len() > 1 {
             cuts.pop();
@@ -372,7 +390,7 @@ impl Walker<'_> {
 
     fn chunk(&self, data: &[u8]) -> Result<Extent> {
         let len = data.len() as u64;
-        if matches!(self.chunker, Chunker::Fixed { .. }) && is_zero(data) {
+        if self.chunker.is_memory() && is_zero(data) {
             return Ok(Extent { chunk: None, len });
         }
         let id = Id::of(data);
@@ -384,6 +402,51 @@ impl Walker<'_> {
         }
         Ok(Extent { chunk: Some(id), len })
     }
+}
+
+/// Page-aligned content-defined cuts of `buf`, which starts on a page boundary of its file.
+///
+/// A guest keeps the same pages at many places (page cache and the process that read it, a
+/// copied buffer, a forked child), at offsets that agree modulo 4 KiB but rarely modulo a
+/// fixed chunk size. Cutting where the content says, and only between pages, lets those
+/// copies dedup while every chunk stays whole pages: a run of zero pages is its own range
+/// (a hole), and a data chunk ends after a page whose hash hits 1 in `avg / 4096` once the
+/// chunk holds `min` bytes, or at `max`. Decisions depend only on the pages since the chunk
+/// began, so a cut left over for the next buffer is found again there.
+pub(crate) fn page_cuts(buf: &[u8], min: usize, avg: usize, max: usize) -> Vec<std::ops::Range<usize>> {
+    let odds = (avg / PAGE).max(1) as u64;
+    let mut cuts = Vec::new();
+    let mut start = 0;
+    let mut zeros = false;
+    for (i, page) in buf.chunks(PAGE).enumerate() {
+        let at = i * PAGE;
+        let zero = is_zero(page);
+        if at > start && zero != zeros {
+            cuts.push(start..at);
+            start = at;
+        }
+        zeros = zero;
+        let end = at + page.len();
+        if !zero && (end - start >= max || end - start >= min && page_hash(page) % odds == 0) {
+            cuts.push(start..end);
+            start = end;
+        }
+    }
+    if start < buf.len() {
+        cuts.push(start..buf.len());
+    }
+    cuts
+}
+
+/// A cheap hash of a page for cut decisions: sixteen words spread over it, mixed. It needs to
+/// be deterministic and spread, not collision resistant (chunk ids are BLAKE3).
+fn page_hash(page: &[u8]) -> u64 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    for w in page.chunks(256).map(|c| c.iter().take(8).fold(0u64, |a, &b| a << 8 | b as u64)) {
+        h = (h ^ w).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 31;
+    }
+    h
 }
 
 /// Append, merging neighbouring holes.
@@ -470,4 +533,93 @@ pub(super) fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
 
 pub fn new_counts() -> Arc<Counts> {
     Arc::new(Counts::default())
+}
+
+#[cfg(test)]
+mod page_cut_tests {
+    use std::collections::HashSet;
+
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    const MIN: usize = 64 << 10;
+    const AVG: usize = 256 << 10;
+    const MAX: usize = 1 << 20;
+
+    /// `n` pages: random data, with runs of zero pages where `zero(i)` says.
+    fn image(seed: u64, n: usize, zero: impl Fn(usize) -> bool) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut out = vec![0u8; n * PAGE];
+        for (i, page) in out.chunks_mut(PAGE).enumerate() {
+            if !zero(i) {
+                rng.fill(page);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn cuts_are_whole_pages_within_bounds_and_zero_runs_stand_alone() {
+        let buf = image(1, 3000, |i| (1000..1100).contains(&i) || i % 701 == 0);
+        let cuts = page_cuts(&buf, MIN, AVG, MAX);
+        assert_eq!(cuts.first().map(|c| c.start), Some(0));
+        assert_eq!(cuts.last().map(|c| c.end), Some(buf.len()));
+        for (i, c) in cuts.iter().enumerate() {
+            assert!(c.start % PAGE == 0 && c.end % PAGE == 0 && c.end > c.start, "{c:?}");
+            if i > 0 {
+                assert_eq!(cuts[i - 1].end, c.start);
+            }
+            let zero = is_zero(&buf[c.clone()]);
+            let next_zero = cuts.get(i + 1).is_none_or(|n| is_zero(&buf[n.clone()]));
+            if zero {
+                assert!(cuts.get(i + 1).is_none_or(|n| !is_zero(&buf[n.clone()])), "zero runs are merged");
+            } else {
+                assert!(c.len() <= MAX, "{c:?}");
+                assert!(!buf[c.clone()].chunks(PAGE).any(is_zero), "no zero page inside a data chunk");
+                // Short only where a zero run or the end cut it.
+                assert!(c.len() >= MIN || next_zero, "{c:?} is short");
+            }
+        }
+        let data: Vec<_> = cuts.iter().filter(|c| !is_zero(&buf[(*c).clone()])).collect();
+        let mean = data.iter().map(|c| c.len()).sum::<usize>() / data.len();
+        assert!((MIN..=MAX).contains(&mean), "mean data chunk {mean}");
+    }
+
+    /// The point of cutting by content: the same pages at another page offset make the same
+    /// chunks (after the first cut), where a fixed grid would share none.
+    #[test]
+    fn the_same_pages_at_another_offset_dedup() {
+        let base = image(2, 2048, |_| false);
+        let mut shifted = image(3, 3, |_| false);
+        shifted.extend_from_slice(&base);
+        let chunks = |buf: &[u8], cuts: Vec<std::ops::Range<usize>>| -> HashSet<Id> {
+            cuts.into_iter().map(|c| Id::of(&buf[c])).collect()
+        };
+        let a = chunks(&base, page_cuts(&base, MIN, AVG, MAX));
+        let b = chunks(&shifted, page_cuts(&shifted, MIN, AVG, MAX));
+        let missing = a.difference(&b).count();
+        assert!(a.len() > 10 && missing <= 2, "{missing} of {} chunks not shared", a.len());
+        let grid = |buf: &[u8]| -> Vec<std::ops::Range<usize>> {
+            (0..buf.len()).step_by(AVG).map(|s| s..(s + AVG).min(buf.len())).collect()
+        };
+        let fixed = chunks(&base, grid(&base)).intersection(&chunks(&shifted, grid(&shifted))).count();
+        assert_eq!(fixed, 0, "a fixed grid shares nothing here");
+    }
+
+    /// A buffer boundary does not move cuts: the walker re-scans the last chunk of a buffer
+    /// from its start in the next one.
+    #[test]
+    fn cuts_of_a_prefix_agree_except_the_last() {
+        let buf = image(4, 1500, |i| i % 333 < 5);
+        let whole = page_cuts(&buf, MIN, AVG, MAX);
+        let part = page_cuts(&buf[..900 * PAGE], MIN, AVG, MAX);
+        assert_eq!(&whole[..part.len() - 1], &part[..part.len() - 1]);
+        let from = part[part.len() - 1].start;
+        let rest: Vec<_> = page_cuts(&buf[from..], MIN, AVG, MAX)
+            .into_iter()
+            .map(|c| c.start + from..c.end + from)
+            .collect();
+        assert_eq!(&whole[part.len() - 1..], &rest[..]);
+    }
 }
