@@ -37,6 +37,9 @@ SKIP_BASELINES=${SKIP_BASELINES:-0}
 export RESTIC_PASSWORD=bench
 
 # ---------------------------------------------------------------- prerequisites
+for g in $GROUPS_TO_RUN; do
+  case $g in fs|mem|mount|gc|volume) ;; *) die "unknown group '$g' in BENCH_GROUPS (fs, mem, mount, gc, volume)" ;; esac
+done
 [ -x "$CAIRN" ] || die "cairn binary not found at $CAIRN: build it: cargo build --release -p cairn-cli (or set CAIRN=/path/to/cairn)"
 command -v python3 >/dev/null || die "python3 is needed (JSON parsing and bench/table.py)"
 if [ ! -x /usr/bin/time ]; then
@@ -446,10 +449,9 @@ log "cairn: $CAIRN; data: $BENCHDATA; work dir: $WORK; restic: $([ "$HAVE_RESTIC
 case $CAIRN in */debug/*) log "warning: this is a debug build; the numbers will not be representative" ;; esac
 for g in $GROUPS_TO_RUN; do
   case $g in
-    mount|gc) continue ;;
+    mount|gc|volume) continue ;;
     fs) v1="$BENCHDATA/fs-v1"; v2="$BENCHDATA/fs-v2"; kind=fs ;;
     mem) v1="$BENCHDATA/mem-v1"; v2="$BENCHDATA/mem-v2"; kind=memory ;;
-    *) die "unknown group '$g' in BENCH_GROUPS (fs, mem, mount, gc)" ;;
   esac
   warm "$v1"; warm "$v2"
   cairn_group "$g" "$v1" "$v2" "$kind"
