@@ -72,7 +72,7 @@ echo >> "$WORK/body"
 echo "| chunk | chunks v1 | chunks v2 | v2 already stored | stored v1 MB | new stored v2 MB | index MB | total MB |" >> "$WORK/body"
 echo "|---|---|---|---|---|---|---|---|" >> "$WORK/body"
 for size in 4096 16384 65536 262144 2097152; do
-  row=$(measure memory "$BENCHDATA/mem-v1" "$BENCHDATA/mem-v2" --memory-chunk "$size")
+  row=$(measure memory "$BENCHDATA/mem-v1" "$BENCHDATA/mem-v2" --memory-cut fixed --memory-chunk "$size")
   echo "| $((size / 1024)) KiB | $row |" >> "$WORK/body"
 done
 mkdir -p "$(dirname "$OUT")"
