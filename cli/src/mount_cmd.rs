@@ -116,6 +116,9 @@ pub async fn mount(
     json: bool,
     cancel: &AtomicBool,
 ) -> Result<()> {
+    // Before the mount appears: a supervisor may stop it as soon as it sees it, and an
+    // unhandled SIGTERM would kill the daemon with the mount left behind.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let cache = Arc::new(open_cache(cache_root, &args.cache)?);
     let (id, snap) = repo.resolve_snapshot(&args.snapshot).await?;
     let opts = mount_options(args);
@@ -127,7 +130,6 @@ pub async fn mount(
         id.short(),
         args.mountpoint.display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -191,6 +191,8 @@ pub async fn mount_rw(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let name = &args.snapshot;
+    // Before the mount appears (see mount_cmd::mount): SIGTERM then always unmounts cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let state_dir = args.state_dir.clone().unwrap_or_else(|| rw::default_state_dir(name));
     let cache = Arc::new(crate::mount_cmd::open_cache(cache_root, &args.cache)?);
     let repo = Arc::new(repo);
@@ -205,12 +207,8 @@ pub async fn mount_rw(
     .await
     .with_context(|| format!("mounting volume {name} read-write on {}", args.mountpoint.display()))?;
     let state_dir = mounted.state_dir().to_path_buf();
-    let setup = control::listen(&state_dir).and_then(|control| {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        Ok((control, term))
-    });
-    let (control, mut term) = match setup {
-        Ok(s) => s,
+    let control = match control::listen(&state_dir) {
+        Ok(c) => c,
         Err(e) => {
             mounted.finish().await?;
             return Err(e);

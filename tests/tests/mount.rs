@@ -272,6 +272,14 @@ fn sigterm_unmounts_and_stale_mounts_can_be_unmounted() {
     assert!(status.success(), "{err}");
     assert!(!is_mounted(&mnt));
 
+    // Stopped the moment it appears (a supervisor's health check then a stop): SIGTERM is
+    // handled from before the mount exists, so it always unmounts cleanly.
+    for _ in 0..10 {
+        let (status, err) = repo.mount(&snap, &mnt, &[]).stop();
+        assert!(status.success(), "stopped right after mounting: {status} {err}");
+        assert!(!is_mounted(&mnt));
+    }
+
     // A daemon killed outright leaves a dead mount; `cairn umount` still removes it.
     let mut m = repo.mount(&snap, &mnt, &[]);
     m.child.kill().unwrap();
