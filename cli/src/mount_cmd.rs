@@ -64,6 +64,11 @@ pub struct MountArgs {
     /// Refresh a JSON file with this mount's counters every second.
     #[arg(long, value_name = "FILE")]
     pub stats_file: Option<PathBuf>,
+    /// After a directory is listed, push its files up to this size into the kernel's page
+    /// cache if their chunks are already on this host, so that reading them next costs no
+    /// round trip to this daemon (0 turns it off; nothing is ever fetched for it).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    pub prime_max_file: bytesize::ByteSize,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
@@ -105,6 +110,7 @@ pub fn mount_options(args: &MountArgs) -> MountOptions {
         prefetch_metadata: !args.no_prefetch,
         prefetch_rate: args.prefetch_rate.as_u64(),
         stats_file: args.stats_file.clone(),
+        prime_max_file: args.prime_max_file.as_u64(),
         ..MountOptions::default()
     }
 }

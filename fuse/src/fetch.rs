@@ -523,6 +523,20 @@ impl Fetcher {
         Some(out)
     }
 
+    /// The chunks if every one is in memory or in the host cache, leaving no trace: neither the
+    /// access trace nor this mount's memory (priming reads what the reader may never want).
+    pub fn local_untraced(&self, wanted: &[ChunkId]) -> Option<Vec<Chunk>> {
+        let mut out = Vec::with_capacity(wanted.len());
+        for id in wanted {
+            let hit = self.mem.lock().expect("mem lock").lru.peek(id).cloned();
+            match hit {
+                Some(c) => out.push(c),
+                None => out.push(Arc::new(self.cache.get(id)?)),
+            }
+        }
+        Some(out)
+    }
+
     /// Start fetching read-ahead chunks in the background (from any thread).
     pub fn read_ahead(self: &Arc<Self>, rt: &tokio::runtime::Handle, ahead: Vec<ChunkId>) {
         // Most calls on a warm mount find every chunk local: checking here saves a task wake-up

@@ -23,6 +23,7 @@ use fuser::{
 };
 
 use crate::fetch::Fetcher;
+use crate::prime::Primer;
 use crate::stats::MountStats;
 
 /// The snapshot never changes: let the kernel keep what it learned.
@@ -31,8 +32,12 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 const MIN_AHEAD: u64 = 1 << 20;
 /// ...and each sequential read doubles the window up to this.
 const MAX_AHEAD: u64 = 4 << 20;
-/// Entries fetched per readdir round.
-const READDIR_BATCH: usize = 1024;
+/// The kernel's read-ahead window asked for (and the largest read it then sends).
+pub(crate) const READ_AHEAD: u32 = 1 << 20;
+/// Entries taken per readdir round: more than a reply holds (a page of about 25 entries with
+/// attributes, or up to a few hundred names), not so many that a big directory is copied
+/// over and over.
+const READDIR_BATCH: usize = 256;
 /// Decoded directory pages kept in memory.
 const TREE_CACHE: usize = 4096;
 
@@ -117,6 +122,7 @@ pub(crate) struct Inner {
     no_open: std::sync::atomic::AtomicBool,
     next_fh: AtomicU64,
     trees: Mutex<lru::LruCache<Id, Arc<Tree>>>,
+    pub primer: Primer,
     total_bytes: u64,
     total_files: u64,
 }
@@ -137,6 +143,7 @@ impl Inner {
         stats: Arc<MountStats>,
         rt: tokio::runtime::Handle,
         snap: &Snapshot,
+        prime_max_file: u64,
     ) -> Inner {
         let (root, synthetic_root) = if snap.root.is_dir() {
             (Arc::new(snap.root.clone()), None)
@@ -170,6 +177,7 @@ impl Inner {
             no_open: std::sync::atomic::AtomicBool::new(false),
             next_fh: AtomicU64::new(1),
             trees: Mutex::new(lru::LruCache::new(NonZeroUsize::new(TREE_CACHE).expect("nonzero"))),
+            primer: Primer::new(prime_max_file),
             total_bytes: snap.stats.bytes,
             total_files: snap.stats.files + snap.stats.dirs + snap.stats.others,
         }
@@ -316,6 +324,84 @@ impl Inner {
         }
     }
 
+    /// [`Inner::entries`] from decoded directories in memory only; `None` when a fetch is needed.
+    fn entries_cached(&self, dir: &Dir, from: usize, max: usize) -> Option<Vec<Node>> {
+        let id = match dir {
+            Dir::Synthetic(nodes) => return Some(nodes.iter().skip(from).take(max).cloned().collect()),
+            Dir::Tree(id) => *id,
+        };
+        let mut trees = self.trees.lock().expect("tree lock");
+        let t = trees.get(&id)?.clone();
+        match &*t {
+            Tree::Leaf(nodes) => Some(nodes.iter().skip(from).take(max).cloned().collect()),
+            Tree::Pages(pages) => {
+                let mut out = Vec::new();
+                let mut first = 0usize;
+                for p in pages {
+                    let count = p.count as usize;
+                    if first + count > from && out.len() < max {
+                        let leaf = trees.get(&p.id)?.clone();
+                        let Tree::Leaf(nodes) = &*leaf else { return None };
+                        let skip = from.saturating_sub(first);
+                        out.extend(nodes.iter().skip(skip).take(max - out.len()).cloned());
+                    }
+                    first += count;
+                }
+                Some(out)
+            }
+        }
+    }
+
+    /// Reply to a readdirplus at `offset` (0 ".", 1 "..", then entry `offset - 2`) with
+    /// `nodes`, the entries from there on; then hand the listed files to the primer.
+    fn answer_plus(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        nodes: Result<Vec<Node>, Errno>,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (me, parent) = match self.node(ino.0) {
+            Some((n, p)) => (n, p),
+            None => return reply.error(Errno::ENOENT),
+        };
+        let mut at = offset;
+        if at == 0 {
+            // The kernel takes no reference for "." and "..".
+            if reply.add(ino, 1, ".", &TTL, &attr(ino.0, &me), Generation(0)) {
+                return reply.ok();
+            }
+            at = 1;
+        }
+        if at == 1 {
+            let pnode = self.node(parent).map(|(n, _)| n).unwrap_or_else(|| me.clone());
+            if reply.add(INodeNo(parent), 2, "..", &TTL, &attr(parent, &pnode), Generation(0)) {
+                return reply.ok();
+            }
+            at = 2;
+        }
+        let nodes = match nodes {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let mut to_prime = Vec::new();
+        for (i, n) in nodes.into_iter().enumerate() {
+            let name = n.name.clone();
+            let a = self.remember(ino.0, n);
+            if reply.add(a.ino, at + i as u64 + 1, OsStr::from_bytes(&name), &TTL, &a, Generation(0)) {
+                // Not sent, so the kernel holds no reference for it.
+                self.forget(a.ino.0, 1);
+                break;
+            }
+            if a.kind == FileType::RegularFile && self.primer.wants(a.size) {
+                to_prime.push((a.ino.0, a.size));
+            }
+        }
+        // After the reply: the kernel only accepts pages for inodes it knows.
+        reply.ok();
+        self.primer.listed(ino.0, to_prime);
+    }
+
     /// Give the kernel an inode for `node` found in `parent` (one more lookup reference).
     fn remember(&self, parent: u64, node: Node) -> FileAttr {
         let name_hash = hash_name(&node.name);
@@ -449,6 +535,21 @@ impl Inner {
         ReadPlan { end, wanted: file.chunks_in(offset, end), ahead }
     }
 
+    /// Whether a reader has read the file already (its pages are cached by now), or the
+    /// kernel has forgotten the inode.
+    pub fn read_or_gone(&self, ino: u64) -> bool {
+        self.inodes.lock().expect("inode lock").map.get(&ino).is_none_or(|i| i.handle.is_some())
+    }
+
+    /// A whole file's content if the kernel still knows the inode and every chunk is on this
+    /// host (for priming: fetches nothing, records no trace, takes no read-ahead state).
+    pub fn local_content(&self, ino: u64) -> Option<Vec<u8>> {
+        let file = self.file_map_now(ino)?;
+        let plan = ReadPlan { end: file.size, wanted: file.chunks_in(0, file.size), ahead: Vec::new() };
+        let chunks = self.fetcher.local_untraced(&plan.wanted)?;
+        assemble(&file, 0, &plan, &chunks).ok()
+    }
+
     async fn read(&self, handle: &Handle, offset: u64, plan: ReadPlan) -> Result<Vec<u8>, Errno> {
         let chunks =
             self.fetcher.chunks(&plan.wanted, &plan.ahead).await.map_err(|e| eio("reading file data", e))?;
@@ -564,10 +665,11 @@ impl SnapshotFs {
 
 impl Filesystem for SnapshotFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+        // Always readdirplus (no _AUTO, which falls back to readdir after a directory's first
+        // page): attributes cost nothing extra here, and each entry it carries is a lookup
+        // round trip saved and a file the primer can push.
+        let wanted =
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
@@ -575,7 +677,7 @@ impl Filesystem for SnapshotFs {
         if config.add_capabilities(no_open).is_ok() {
             self.inner.no_open.store(true, Ordering::Relaxed);
         }
-        let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_readahead(READ_AHEAD).or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
         Ok(())
     }
@@ -792,56 +894,23 @@ impl Filesystem for SnapshotFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
+        let from = offset.saturating_sub(2) as usize;
+        // A directory already decoded is answered on this thread: a reader walking a tree
+        // waits on one listing per directory, and a task hop is a context switch more.
+        if let Ok(dir) = self.inner.dir_of(ino.0) {
+            if let Some(nodes) = self.inner.entries_cached(&dir, from, READDIR_BATCH) {
+                return self.inner.answer_plus(ino, offset, Ok(nodes), reply);
+            }
+        }
         let inner = self.inner.clone();
         self.spawn(async move {
-            let (me, parent) = match inner.node(ino.0) {
-                Some((n, p)) => (n, p),
-                None => return reply.error(Errno::ENOENT),
-            };
-            let mut at = offset;
-            if at == 0 {
-                // The kernel takes no reference for "." and "..".
-                if reply.add(ino, 1, ".", &TTL, &attr(ino.0, &me), Generation(0)) {
-                    return reply.ok();
-                }
-                at = 1;
-            }
-            if at == 1 {
-                let pnode = inner.node(parent).map(|(n, _)| n).unwrap_or_else(|| me.clone());
-                if reply.add(INodeNo(parent), 2, "..", &TTL, &attr(parent, &pnode), Generation(0)) {
-                    return reply.ok();
-                }
-                at = 2;
-            }
             let nodes = match inner.dir_of(ino.0) {
-                Ok(dir) => inner.entries(&dir, (at - 2) as usize, READDIR_BATCH).await,
+                Ok(dir) => inner.entries(&dir, from, READDIR_BATCH).await,
                 Err(e) => Err(e),
             };
-            match nodes {
-                Ok(nodes) => {
-                    for (i, n) in nodes.into_iter().enumerate() {
-                        let name = n.name.clone();
-                        let a = inner.remember(ino.0, n);
-                        let full = reply.add(
-                            a.ino,
-                            at + i as u64 + 1,
-                            OsStr::from_bytes(&name),
-                            &TTL,
-                            &a,
-                            Generation(0),
-                        );
-                        if full {
-                            // Not sent, so the kernel holds no reference for it.
-                            inner.forget(a.ino.0, 1);
-                            break;
-                        }
-                    }
-                    reply.ok();
-                }
-                Err(e) => reply.error(e),
-            }
+            inner.answer_plus(ino, offset, nodes, reply);
         });
     }
 

@@ -5,6 +5,7 @@
 //! - [`rw`] — [`rw::mount_rw`]: writable volume mounts (overlayfs over a lazy mount); commit.
 //! - [`fs`] — [`fs::SnapshotFs`], the `fuser` filesystem: inodes on demand, answers from tasks.
 //! - [`fetch`] — [`fetch::Fetcher`]: memory → host cache → joined fetch → coalesced range reads.
+//! - [`prime`] — [`prime::Primer`]: listed small files pushed into the page cache when local.
 //! - [`cache`] — [`cache::ChunkCache`]: content-addressed files, hard byte cap, LRU in RocksDB.
 //! - [`stats`] — [`stats::MountStats`]: counters and read latency of one mount, as JSON.
 //!
@@ -15,6 +16,8 @@ pub mod cache;
 pub mod fetch;
 pub mod fs;
 pub mod mount;
+mod mountinfo;
+pub mod prime;
 pub mod rw;
 pub mod stats;
 

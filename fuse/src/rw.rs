@@ -28,6 +28,8 @@ use cairn_store::{Id, Repository};
 use nix::mount::{MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::mountinfo::{mount_at, unescape};
+
 use crate::cache::ChunkCache;
 use crate::mount::{mount, MountError, MountOptions, MountedSnapshot};
 
@@ -106,49 +108,6 @@ fn lock(dir: &Path, name: &str, what: &str) -> Result<nix::fcntl::Flock<std::fs:
             format!("{what} is already running here"),
         ),
     })
-}
-
-/// One line of `/proc/self/mountinfo`: mountpoint, filesystem type, super options.
-struct MountInfo {
-    mountpoint: PathBuf,
-    fstype: String,
-    options: String,
-}
-
-fn mounts() -> Vec<MountInfo> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mountpoint = unescape(left.split(' ').nth(4)?);
-            let mut r = right.split(' ');
-            let fstype = r.next()?.to_string();
-            let options = r.nth(1).unwrap_or("").to_string();
-            Some(MountInfo { mountpoint: PathBuf::from(mountpoint), fstype, options })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn mount_at(path: &Path) -> Option<MountInfo> {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    mounts().into_iter().rev().find(|m| m.mountpoint == path)
 }
 
 /// Whether `path` is currently an overlay mountpoint.

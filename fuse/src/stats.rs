@@ -28,6 +28,9 @@ pub struct MountStats {
     pub bad_chunks: AtomicU64,
     pub prefetched_chunks: AtomicU64,
     pub prefetched_bytes: AtomicU64,
+    /// Files pushed into the kernel's page cache after a listing (see `prime`).
+    pub primed_files: AtomicU64,
+    pub primed_bytes: AtomicU64,
     latency_us: Mutex<Option<Histogram<u64>>>,
 }
 
@@ -58,6 +61,8 @@ pub struct StatsReport {
     pub bad_chunks: u64,
     pub prefetched_chunks: u64,
     pub prefetched_bytes: u64,
+    pub primed_files: u64,
+    pub primed_bytes: u64,
     pub read_latency: Latency,
     /// Every request this process made to the bucket (the mount's and the index sync's).
     pub requests: RequestStats,
@@ -113,6 +118,8 @@ impl MountStats {
             bad_chunks: get(&self.bad_chunks),
             prefetched_chunks: get(&self.prefetched_chunks),
             prefetched_bytes: get(&self.prefetched_bytes),
+            primed_files: get(&self.primed_files),
+            primed_bytes: get(&self.primed_bytes),
             read_latency,
             requests,
             cache,

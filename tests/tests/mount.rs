@@ -347,6 +347,87 @@ fn trace_is_recorded_stored_and_prefetched_by_the_next_mount() {
     assert!(status.success(), "{err}");
 }
 
+/// The counters once the daemon has written them after `since` (refreshed every second).
+fn stats_after(m: &MountProc, since: Instant) -> serde_json::Value {
+    std::thread::sleep((since + Duration::from_millis(1300)).saturating_duration_since(Instant::now()));
+    m.stats()
+}
+
+/// A listing of a warm mount pushes the directory's small files into the page cache: reading
+/// them afterwards reaches the daemon not once, and gives the right bytes. Large files, a cold
+/// cache (priming never fetches) and `--prime-max-file 0` are left to ordinary reads.
+#[test]
+fn listed_small_files_are_primed_into_the_page_cache_when_local() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    let small = |i: u64| random_bytes(40_000 + 1000 * i as usize, 300 + i);
+    for i in 0..20 {
+        std::fs::write(src.join(format!("s{i:02}")), small(i)).unwrap();
+    }
+    std::fs::write(src.join("big"), random_bytes(3 << 20, 399)).unwrap();
+    std::fs::write(src.join("sub/inner"), small(50)).unwrap();
+    let repo = Repo::local(&tmp.path().join("repo"));
+    repo.ok(&["init"]);
+    let snap = repo.push(&src, &[]);
+    let mnt = tmp.path().join("mnt");
+    let small_bytes: u64 = (0..20).map(|i| small(i).len() as u64).sum();
+
+    // Cold: listing primes nothing (nothing is local and priming does not fetch).
+    let m = repo.mount(&snap, &mnt, &["--no-prefetch"]);
+    let mounted = m.stats(); // the root directory was fetched to mount
+    let names = std::fs::read_dir(&mnt).unwrap().count();
+    assert_eq!(names, 22);
+    let s = stats_after(&m, Instant::now());
+    assert_eq!(s["primed_files"], 0, "{s}");
+    assert_eq!(s["misses"], mounted["misses"], "a listing fetched file data: {s}");
+    // Fill the host cache.
+    for i in 0..20 {
+        assert_eq!(std::fs::read(mnt.join(format!("s{i:02}"))).unwrap(), small(i));
+    }
+    assert_eq!(std::fs::read(mnt.join("big")).unwrap().len(), 3 << 20);
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+
+    // Warm, fresh mount: list, wait for the primer, then read without a single read request.
+    let m = repo.mount(&snap, &mnt, &["--no-prefetch"]);
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 22);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let s = m.stats();
+        if s["primed_files"] == 20 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "small files not primed: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(before["primed_bytes"].as_u64().unwrap(), small_bytes, "{before}");
+    assert_eq!(before["reads"], 0, "{before}");
+    for i in 0..20 {
+        assert_eq!(std::fs::read(mnt.join(format!("s{i:02}"))).unwrap(), small(i), "s{i:02}");
+    }
+    let t = Instant::now();
+    let s = stats_after(&m, t);
+    assert_eq!(s["reads"], 0, "primed files were read through the daemon: {s}");
+    // The big file (over --prime-max-file) still takes reads: the counter above could move.
+    assert_eq!(std::fs::read(mnt.join("big")).unwrap().len(), 3 << 20);
+    let s = stats_after(&m, Instant::now());
+    assert!(s["reads"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["primed_files"], 20, "{s}");
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+
+    // Turned off: the same warm listing primes nothing.
+    let m = repo.mount(&snap, &mnt, &["--no-prefetch", "--prime-max-file", "0"]);
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 22);
+    assert_eq!(std::fs::read(mnt.join("s03")).unwrap(), small(3));
+    let s = stats_after(&m, Instant::now());
+    assert_eq!(s["primed_files"], 0, "{s}");
+    assert!(s["reads"].as_u64().unwrap() > 0, "{s}");
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+}
+
 #[test]
 fn host_cache_stays_under_its_cap_through_a_mount() {
     let tmp = tempfile::tempdir().unwrap();
