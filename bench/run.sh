@@ -13,6 +13,7 @@
 #   BENCH_GROUPS    groups to run           (default: "fs mem mount gc volume"; mount = bench/mount.py,
 #                   needs root; gc = bench/gc.py; volume = bench/volume.py, needs root)
 #   SKIP_RESTIC=1   do not run restic;  SKIP_BASELINES=1  do not run the physical baselines
+#   RESTORE_RUNS    restores per tool and dataset, the median is reported (default 3)
 #
 # The fs group also runs the "in place" scenario: fs-v1 is copied to a work dir W and pushed,
 # then W is updated to fs-v2 with rsync and pushed again at the same path (parent picked by
@@ -34,6 +35,8 @@ OUT=$(abspath "${OUT:-$ROOT/docs/benchmarks.md}")
 GROUPS_TO_RUN=${BENCH_GROUPS:-fs mem mount gc volume}
 SKIP_RESTIC=${SKIP_RESTIC:-0}
 SKIP_BASELINES=${SKIP_BASELINES:-0}
+RESTORE_RUNS=${RESTORE_RUNS:-3}
+case $RESTORE_RUNS in ''|*[!0-9]*|0) die "RESTORE_RUNS=$RESTORE_RUNS is not a positive number" ;; esac
 export RESTIC_PASSWORD=bench
 
 # ---------------------------------------------------------------- prerequisites
@@ -141,6 +144,39 @@ measure() {
 
 skip() { rec "$1.skipped" "$2"; log "skip  $1: $2"; }
 
+recorded() { # recorded KEY : the last value recorded for KEY (empty if none)
+  awk -F'\t' -v k="$1" '$1 == k { v = $2 } END { print v }' "$RES"
+}
+
+# restores KEY RUNS TARGET VERIFY_SRC VERIFY_SUBPATH CMD... : restore RUNS times, each into a
+# fresh TARGET.N (CMD gets it appended), and record KEY.s as the median time, KEY.rss_kib as
+# the largest peak RSS, KEY.rc as the first failure. The runs' own values stay recorded as
+# KEY.runN.*. Restore time on this kind of disk varies run to run by 2x and more (ext4 skips
+# recently deleted inodes when allocating, at a cost that depends on what was deleted in the
+# last minutes), so one run says little. Targets are kept until the end of the whole run:
+# deleting them here would slow the next tool's restore in just that way.
+restores() {
+  local key=$1 runs=$2 target=$3 vsrc=$4 vsub=$5; shift 5
+  local r rc=0 first_rc=0 times=() rss=0
+  for r in $(seq 1 "$runs"); do
+    mkdir -p "$target.$r"
+    rc=0; measure "$key.run$r" "$@" "$target.$r" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+      verify "$key.run$r" "$vsrc" "$target.$r${vsub:+/$vsub}"
+      times+=("$(recorded "$key.run$r.s")")
+      local m; m=$(recorded "$key.run$r.rss_kib"); [ "${m:-0}" -gt "$rss" ] && rss=$m
+    elif [ "$first_rc" -eq 0 ]; then first_rc=$rc; fi
+  done
+  rec "$key.rc" "$first_rc"
+  if [ "${#times[@]}" -gt 0 ]; then
+    rec "$key.s" "$(printf '%s\n' "${times[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+    rec "$key.rss_kib" "$rss"
+    rec "$key.runs" "${times[*]}"
+    rec "$key.verify" "$(recorded "$key.run1.verify")"
+  fi
+  [ "$first_rc" -eq 0 ]
+}
+
 jget() { # jget FILE a.b.c : a field of a JSON document
   python3 - "$1" "$2" <<'EOF'
 import json, sys
@@ -234,6 +270,7 @@ tar_src() { # tar arguments that archive a directory's contents or a single file
 rec meta.date "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 rec meta.host "$(hostname 2>/dev/null || echo '?')"
 rec meta.nproc "$(nproc)"
+rec meta.restore_runs "$RESTORE_RUNS"
 rec meta.cpu "$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)"
 rec meta.kernel "$(uname -srm)"
 rec meta.free "$(free -g)"
@@ -288,12 +325,8 @@ cairn_group() { # cairn_group GROUP V1 V2 KIND
   fi
   for step in push1 push2; do cairn_push_json "$LOG/$k.$step.out" "$k.$step"; done # details from the push JSON
   if [ -n "$id2" ]; then
-    mkdir -p "$target"
-    if measure "$k.restore" "${cairn[@]}" restore "$id2" "$target"; then
-      if [ -f "$v2" ]; then verify "$k.restore" "$v2" "$target/$(basename "$v2")"
-      else verify "$k.restore" "$v2" "$target"; fi
-    fi
-    rm -rf -- "$target"; sync
+    local sub=""; [ -f "$v2" ] && sub=$(basename "$v2")
+    restores "$k.restore" "$RESTORE_RUNS" "$target" "$v2" "$sub" "${cairn[@]}" restore "$id2" || true
   else
     skip "$k.restore" "incremental push failed or printed no snapshot id"
   fi
@@ -333,11 +366,8 @@ restic_group() { # restic_group GROUP V1 V2
   fi
   for step in push1 push2; do restic_push_json "$LOG/$k.$step.out" "$k.$step"; done
   if [ -n "$id2" ]; then
-    mkdir -p "$target"
-    if measure "$k.restore" "${restic[@]}" restore "$id2" --target "$target"; then
-      verify "$k.restore" "$v2" "$target/${v2#/}" # restic restores under the full source path
-    fi
-    rm -rf -- "$target"; sync
+    # restic restores under the full source path
+    restores "$k.restore" "$RESTORE_RUNS" "$target" "$v2" "${v2#/}" "${restic[@]}" restore "$id2" --target || true
   else
     skip "$k.restore" "incremental backup failed or printed no snapshot id"
   fi

@@ -20,6 +20,8 @@ use crate::format::snapshot::{self, Snapshot};
 use crate::format::tree::{self, Content, Extent, Node, Tree};
 use crate::id::{ChunkId, Id, PackId};
 
+/// Chunks read together decode on the blocking pool from this many plain bytes on.
+const OFFLOAD_DECODE: u64 = 256 << 10;
 /// How many objects are fetched at once when many are needed (index segments, snapshots).
 const FETCH_CONCURRENCY: usize = 16;
 /// At most this many index segments are fetched at once (see SEGMENT_BYTES_IN_FLIGHT).
@@ -298,7 +300,25 @@ impl Repository {
             .get_ranges(&ObjectPath::from(name.as_str()), &ranges)
             .await
             .map_err(|err| Error::store(&name, err))?;
-        entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
+        let raw: u64 = entries.iter().map(|e| e.raw_len as u64).sum();
+        if raw < OFFLOAD_DECODE {
+            return entries
+                .iter()
+                .zip(parts)
+                .map(|(e, stored)| pack::open_chunk(e, &stored, &name))
+                .collect();
+        }
+        // Decompressing and hashing are the CPU of a restore; on the caller's task they would
+        // run on one core however many reads are in flight.
+        let entries = entries.to_vec();
+        tokio::task::spawn_blocking(move || {
+            entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
+        })
+        .await
+        .unwrap_or_else(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(Error::Interrupted), // the runtime is shutting down
+        })
     }
 
     /// Read chunks from anywhere, grouped by pack. Returns them by id.
