@@ -71,7 +71,10 @@ impl Config {
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             chunking,
             pack_size: 16 * 1024 * 1024,
-            zstd_level: 3,
+            // Level 2 against 3 on the benchmark data: pushes 15-20% faster for 1-2% more
+            // stored bytes (fs 205.8 against 203.7 MB, memory 156.7 against 153.6 MB; restic
+            // stores 211.9 and 161.5 MB of the same).
+            zstd_level: 2,
         })
     }
 
