@@ -150,7 +150,19 @@ enum Command {
     },
 }
 
+/// glibc gives threads that allocate their own arenas (up to 8 per core) and keeps what is
+/// freed in each: a 10M-chunk `gc` held 308 MiB of RSS with the default and 237 MiB with two
+/// arenas, in the same time. Must run before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
