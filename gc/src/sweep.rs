@@ -254,7 +254,7 @@ async fn list_packs(repo: &Repository) -> Result<HashMap<PackId, u64>> {
 /// marked (shared with an earlier snapshot) are not walked again.
 async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<()> {
     // Its trees in a few whole-pack reads rather than one read per directory.
-    repo.preload_meta(&snap.meta_packs, std::env::var("PRELOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20)).await?;
+    repo.preload_meta(&snap.meta_packs, 64 << 20).await?;
     let mut stack = vec![snap.root.clone()];
     while let Some(node) = stack.pop() {
         match &node.kind {
