@@ -151,10 +151,12 @@ recorded() { # recorded KEY : the last value recorded for KEY (empty if none)
 # restores KEY RUNS TARGET VERIFY_SRC VERIFY_SUBPATH CMD... : restore RUNS times, each into a
 # fresh TARGET.N (CMD gets it appended), and record KEY.s as the median time, KEY.rss_kib as
 # the largest peak RSS, KEY.rc as the first failure. The runs' own values stay recorded as
-# KEY.runN.*. Restore time on this kind of disk varies run to run by 2x and more (ext4 skips
-# recently deleted inodes when allocating, at a cost that depends on what was deleted in the
-# last minutes), so one run says little. Targets are kept until the end of the whole run:
-# deleting them here would slow the next tool's restore in just that way.
+# KEY.runN.*. Restore time on this kind of disk varies run to run by 2x and more: ext4 skips
+# inodes deleted in the last minute when allocating, at a cost that grows with how many were
+# deleted, so one run says little. For the same reason nothing the run writes (restores,
+# repositories, copies) is deleted before it ends: a deletion would slow whichever step
+# comes next. A run started right after another one's cleanup is slowed the same way;
+# wait a minute between runs.
 restores() {
   local key=$1 runs=$2 target=$3 vsrc=$4 vsub=$5; shift 5
   local r rc=0 first_rc=0 times=() rss=0
@@ -297,8 +299,8 @@ for ds in fs-v1 fs-v2 mem-v1 mem-v2; do
   rec "ds.$ds.summary" "$(tree_summary "$p")"
 done
 avail=$(df -B1 --output=avail "$WORK" | tail -n 1 | tr -d ' ')
-if [ "$avail" -lt $((total * 2)) ]; then
-  log "warning: only $avail bytes free under $BENCH_TMP for about $((total * 2)) bytes of repositories, restores and copies"
+if [ "$avail" -lt $((total * 6)) ]; then
+  log "warning: only $avail bytes free under $BENCH_TMP for about $((total * 6)) bytes of repositories, restores and copies (all kept until the end)"
 fi
 
 # ---------------------------------------------------------------- cairn
@@ -339,7 +341,7 @@ for f, v in d.items():
 EOF
   fi
   rec "$k.cache_bytes" "$(du_bytes "$cache")"
-  rm -rf -- "$repo" "$cache"; sync
+  sync # nothing is deleted before the end of the run (see `restores`)
 }
 
 # ---------------------------------------------------------------- restic
@@ -372,7 +374,7 @@ restic_group() { # restic_group GROUP V1 V2
     skip "$k.restore" "incremental backup failed or printed no snapshot id"
   fi
   rec "$k.cache_bytes" "$(du_bytes "$cache")"
-  rm -rf -- "$repo" "$cache"; sync
+  sync # nothing is deleted before the end of the run (see `restores`)
 }
 
 # ---------------------------------------------------------------- in-place incremental push (fs)
@@ -413,7 +415,7 @@ inplace() { # inplace TOOL : W = cp -a fs-v1; push W; rsync -a --delete fs-v2/ W
   if ! cp -a "$v1" "$W" 2>"$LOG/$k.cp.err"; then
     rec "$k.setup.error" "cp -a: $(tail -n 3 "$LOG/$k.cp.err")"; FAILED=$((FAILED + 1))
     skip "$k.push1" "cp -a of fs-v1 failed"; skip "$k.push2" "cp -a of fs-v1 failed"
-    rm -rf -- "$W" "$repo" "$cache"; sync; return
+    return
   fi
   sync; warm "$W"
   sleep 1.2 # cairn does not trust the change cache for files whose ctime is within 1 s of the push
@@ -455,7 +457,7 @@ print(s[-1].get("parent", "") if s else "")' || true)
     else restic_push_json "$LOG/$k.$step.out" "$k.$step"; fi
   done
   rec "$k.cache_bytes" "$(du_bytes "$cache")"
-  rm -rf -- "$W" "$repo" "$cache"; sync
+  sync
 }
 
 # ---------------------------------------------------------------- physical baselines
@@ -470,8 +472,7 @@ baselines() { # baselines DATASET
     measure "$k.zstd1" bash -o pipefail -c 'tar cf - "$@" | zstd -1 -T1 -c >/dev/null' _ "${src[@]}" || true
     measure "$k.zstd3" bash -o pipefail -c 'tar cf - "$@" | zstd -3 -T1 -c >/dev/null' _ "${src[@]}" || true
   else skip "$k.zstd1" "zstd not installed"; skip "$k.zstd3" "zstd not installed"; fi
-  measure "$k.cp" cp -a "$p" "$WORK/cp-target" || true
-  rm -rf -- "$WORK/cp-target"; sync
+  measure "$k.cp" cp -a "$p" "$WORK/cp-target-$1" || true
 }
 
 # ---------------------------------------------------------------- run

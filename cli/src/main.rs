@@ -74,7 +74,7 @@ enum Command {
         /// grid of --memory-chunk bytes.
         #[arg(long, value_parser = ["pages", "fixed"])]
         memory_cut: Option<String>,
-        /// zstd level for chunks (default 2; 1 = fastest; higher stores less, pushes slower).
+        /// zstd level for chunks (default 3; 1 = fastest; higher stores less, pushes slower).
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: Option<i32>,
     },
