@@ -397,7 +397,6 @@ impl Inner {
                 to_prime.push((a.ino.0, a.size));
             }
         }
-        // After the reply: the kernel only accepts pages for inodes it knows.
         reply.ok();
         self.primer.listed(ino.0, to_prime);
     }
@@ -456,14 +455,29 @@ impl Inner {
 
     /// The shared read state of an inode (no-open mode), once its file map is known.
     fn inode_handle(&self, ino: u64, file: Arc<FileMap>) -> Arc<Handle> {
-        let mut inodes = self.inodes.lock().expect("inode lock");
         let new = || {
             let ahead = Mutex::new(ReadAhead { next: 0, window: MIN_AHEAD / 2, until: 0 });
             Arc::new(Handle { file: file.clone(), ahead })
         };
-        match inodes.map.get_mut(&ino) {
-            Some(i) => i.handle.get_or_insert_with(new).clone(),
-            None => new(),
+        let (handle, first_read_in) = {
+            let mut inodes = self.inodes.lock().expect("inode lock");
+            match inodes.map.get_mut(&ino) {
+                Some(Inode { handle: Some(h), .. }) => (h.clone(), None),
+                Some(i) => (i.handle.insert(new()).clone(), Some(i.parent)),
+                None => (new(), None),
+            }
+        };
+        if let Some(dir) = first_read_in {
+            self.primer.reading_in(dir);
+        }
+        handle
+    }
+
+    /// An open (when the kernel sends them): the reader wants data from this directory.
+    fn opening(&self, ino: u64) {
+        let parent = self.inodes.lock().expect("inode lock").map.get(&ino).map(|i| i.parent);
+        if let Some(dir) = parent {
+            self.primer.reading_in(dir);
         }
     }
 
@@ -536,7 +550,8 @@ impl Inner {
     }
 
     /// Whether a reader has read the file already (its pages are cached by now), or the
-    /// kernel has forgotten the inode.
+    /// kernel has forgotten the inode. (Known only when the kernel sends no opens, which
+    /// every kernel this runs on does; otherwise the worker may race a reader, harmlessly.)
     pub fn read_or_gone(&self, ino: u64) -> bool {
         self.inodes.lock().expect("inode lock").map.get(&ino).is_none_or(|i| i.handle.is_some())
     }
@@ -732,6 +747,7 @@ impl Filesystem for SnapshotFs {
             // The kernel then keeps the page cache (immutable files) and sends reads with fh 0.
             return reply.error(Errno::ENOSYS);
         }
+        self.inner.opening(ino.0);
         if let Some(file) = self.inner.file_map_now(ino.0) {
             return reply.opened(FileHandle(self.inner.add_handle(file)), FopenFlags::FOPEN_KEEP_CACHE);
         }

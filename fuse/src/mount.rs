@@ -149,14 +149,14 @@ pub async fn mount(
         .map_err(|e| MountError::Mount { path: mountpoint.into(), source: e })?;
     raise_read_ahead(&canonical);
     let unmounter = session.unmount_callable();
-    inner
-        .primer
-        .start(Arc::downgrade(&inner), session.notifier())
-        .map_err(|e| MountError::Mount { path: mountpoint.into(), source: e })?;
+    let notifier = session.notifier();
     let thread = std::thread::Builder::new()
         .name("cairn-fuse".into())
         .spawn(move || session.run())
         .map_err(|e| MountError::Mount { path: mountpoint.into(), source: e })?;
+    if let Err(e) = inner.primer.start(Arc::downgrade(&inner), notifier) {
+        tracing::warn!("no page-cache priming on {}: {e}", mountpoint.display());
+    }
     let mounted = MountedSnapshot {
         inner,
         unmounter: Mutex::new(unmounter),
@@ -172,10 +172,13 @@ pub async fn mount(
     Ok(mounted)
 }
 
-/// FUSE mounts start with the kernel's default read-ahead of 128 KiB whatever the daemon asks
-/// for, so a large file arrives in 128 KiB reads, one round trip each. Raising the mount's
-/// window to what `init` negotiated (1 MiB) cuts those round trips by eight. Needs root; a
-/// mount without it keeps the default.
+/// FUSE mounts start with the kernel's default read-ahead of 128 KiB (INIT cannot offer more:
+/// the kernel's own offer caps it), so a large file arrives in 128 KiB reads, one round trip
+/// each. Raising the mount's window to 1 MiB cuts those round trips by eight (reads that large
+/// are allowed: fuser's max_write of 16 MiB sets the request page limit). This must follow
+/// INIT, or INIT would clamp
+/// the window back: fuser 0.18 completes INIT inside `Session::new`. Needs root; a mount
+/// without it keeps the default.
 fn raise_read_ahead(mountpoint: &Path) {
     let Some(m) = crate::mountinfo::mount_at_canonical(mountpoint) else { return };
     let knob = format!("/sys/class/bdi/{}/read_ahead_kb", m.device);

@@ -1,65 +1,97 @@
-//! [`Primer`]: after a directory is listed, push its small files into the kernel's page cache.
+//! [`Primer`]: once a listed directory is read from, push its small files into the kernel's
+//! page cache.
 //!
 //! On a fresh mount every first read of a file is a round trip through the daemon, and on a
 //! virtual machine the two context switches of that round trip cost more than the copy. Most
 //! readers list a directory and then open its files (tar, a restore, python importing a
-//! package), so the listing is the moment to act: one worker thread pushes the content of the
-//! listed files (`FUSE_NOTIFY_STORE`) while the reader is still busy with the first ones, and
-//! later opens find the pages cached and send no read at all.
+//! package). So the files of each listing are noted, and when the first of them is read —
+//! the sign that the reader wants data, not just names (`find`, `du` and `ls -R` on an idle
+//! mount prime nothing) — one worker thread pushes the others (`FUSE_NOTIFY_STORE`) while the
+//! reader is busy with the first, and later opens find the pages cached and send no read at
+//! all. While files are being read (a first read in the last second), a new listing is primed
+//! at once: a tree walk that reads files wants the next directory's files too. (A push the
+//! kernel gets before it has linked the listed inode is dropped; fuser reports it as sent.)
 //!
 //! Only chunks already on this host are used. Priming never fetches, so it cannot compete with
 //! demand reads for bandwidth, and a cold mount behaves as without it. The bytes pushed are
 //! verified chunks assembled exactly as a read would; the kernel may drop the pages whenever it
 //! likes (they are clean page cache), after which reads simply reach the daemon again.
 
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use fuser::{INodeNo, Notifier};
 
 use crate::fs::Inner;
 use crate::stats::MountStats;
 
-/// Listings waiting to be primed (at most 16 KiB each); beyond this the oldest are dropped:
-/// the reader has long moved on from them.
-const QUEUE: usize = 1024;
-/// Bytes pushed for one listing at most, so a huge directory does not flood the page cache.
-const PER_LISTING: u64 = 64 << 20;
-
+/// Directories whose listing is remembered until a read in them; the least recently listed go
+/// first.
+const DIRS: usize = 1024;
+/// Bytes of small files remembered and pushed per directory at most, so a huge directory
+/// neither floods the page cache nor grows the daemon.
+const PER_DIR: u64 = 64 << 20;
+/// A listing within this long of a file's first read is primed at once.
+const READING_NOW: Duration = Duration::from_secs(1);
 /// Files left to a reader found level with the worker (see `prime_listing`).
 const LEAP: usize = 2;
 
-/// Files `(inode, size)` of one directory's listing in listing order, and the bytes it may
-/// still push.
+/// Files `(inode, size)` of one directory in listing order, and the bytes it may still push.
 struct Listing {
     dir: u64,
     files: Vec<(u64, u64)>,
     budget: u64,
 }
 
+enum DirState {
+    /// Listed, nothing read yet: the files wait (their total size stays within `PER_DIR`).
+    Listed(Vec<(u64, u64)>, u64),
+    /// A file was read: later pages of the listing go to the worker at once.
+    Reading,
+}
+
 pub(crate) struct Primer {
     /// Files up to this size are primed; 0 turns priming off.
     pub max_file: u64,
     notifier: OnceLock<Notifier>,
-    /// Listings not yet primed, newest last. Newest first is the order a depth-first reader
-    /// (tar, a copy, a recursive import) wants them: it is inside the directory it listed last.
-    pending: Mutex<Pending>,
+    state: Mutex<State>,
     wake: Condvar,
 }
 
-#[derive(Default)]
-struct Pending {
+struct State {
+    dirs: lru::LruCache<u64, DirState>,
+    /// Listings to prime, newest last. Newest first is the order a depth-first reader (tar, a
+    /// copy, a recursive import) wants them: it is inside the directory it entered last.
     stack: Vec<Listing>,
+    /// Listings ever queued, so the worker can tell that a newer one arrived.
+    queued: u64,
+    /// When a file was last read for the first time: a reader reading files now will read
+    /// the next directory it lists too, so that one is primed without waiting for its read.
+    last_first_read: Option<Instant>,
     started: bool,
     closed: bool,
 }
 
 impl Primer {
     pub fn new(max_file: u64) -> Primer {
-        Primer { max_file, notifier: OnceLock::new(), pending: Mutex::default(), wake: Condvar::new() }
+        Primer {
+            max_file,
+            notifier: OnceLock::new(),
+            state: Mutex::new(State {
+                dirs: lru::LruCache::new(NonZeroUsize::new(DIRS).expect("nonzero")),
+                stack: Vec::new(),
+                queued: 0,
+                last_first_read: None,
+                started: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a file of `size` bytes is worth priming.
@@ -67,7 +99,7 @@ impl Primer {
         size > 0 && size <= self.max_file && self.notifier.get().is_some()
     }
 
-    /// Start the worker once the session exists (the notifier writes to its device).
+    /// Start the worker (after the session's thread: the notifier writes to its device).
     pub fn start(&self, inner: Weak<Inner>, notifier: Notifier) -> std::io::Result<()> {
         if self.max_file == 0 {
             return Ok(());
@@ -78,58 +110,103 @@ impl Primer {
         Ok(())
     }
 
-    /// Stop the worker (at unmount); listings still queued are dropped.
+    /// Stop the worker (at unmount); what is queued is dropped, a listing being primed stops
+    /// after its current file.
     pub fn stop(&self) {
         self.lock().closed = true;
         self.wake.notify_all();
     }
 
-    /// Queue the files `(inode, size)` of directory `dir` that a listing reply just carried.
+    /// Note the files `(inode, size)` of directory `dir` that a listing reply just carried.
     pub fn listed(&self, dir: u64, files: Vec<(u64, u64)>) {
         if files.is_empty() {
             return;
         }
-        let mut p = self.lock();
-        if !p.started || p.closed {
+        let mut s = self.lock();
+        if !s.started || s.closed {
             return;
         }
-        // A directory arrives one page (a few dozen entries) per reply: its pages are one
-        // listing, primed front to back.
-        if let Some(top) = p.stack.last_mut().filter(|l| l.dir == dir) {
-            top.files.extend(files);
-            return;
+        if s.last_first_read.is_some_and(|t| t.elapsed() < READING_NOW) {
+            s.dirs.put(dir, DirState::Reading);
         }
-        if p.stack.len() == QUEUE {
-            p.stack.remove(0);
+        match s.dirs.get_mut(&dir) {
+            Some(DirState::Reading) => {
+                s.queue(Listing { dir, files, budget: PER_DIR });
+                drop(s);
+                self.wake.notify_one();
+            }
+            Some(DirState::Listed(waiting, bytes)) => {
+                for (ino, size) in files {
+                    if *bytes + size <= PER_DIR {
+                        *bytes += size;
+                        waiting.push((ino, size));
+                    }
+                }
+            }
+            None => {
+                let mut bytes = 0;
+                let files: Vec<_> = files
+                    .into_iter()
+                    .filter(|(_, size)| {
+                        bytes += size;
+                        bytes <= PER_DIR
+                    })
+                    .collect();
+                let total = files.iter().map(|(_, size)| size).sum();
+                s.dirs.put(dir, DirState::Listed(files, total));
+            }
         }
-        p.stack.push(Listing { dir, files, budget: PER_LISTING });
-        drop(p);
-        self.wake.notify_one();
     }
 
-    /// The newest listing; None once stopped.
-    fn next(&self) -> Option<Listing> {
-        let mut p = self.lock();
+    /// A file of directory `dir` is being read for the first time: prime the rest.
+    pub fn reading_in(&self, dir: u64) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        s.last_first_read = Some(Instant::now());
+        let Some(state) = s.dirs.get_mut(&dir) else { return };
+        if let DirState::Listed(files, _) = std::mem::replace(state, DirState::Reading) {
+            s.queue(Listing { dir, files, budget: PER_DIR });
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The newest listing and the queue count at the time; None once stopped.
+    fn next(&self) -> Option<(Listing, u64)> {
+        let mut s = self.lock();
         loop {
-            if p.closed {
+            if s.closed {
                 return None;
             }
-            if let Some(l) = p.stack.pop() {
-                return Some(l);
+            if let Some(l) = s.stack.pop() {
+                return Some((l, s.queued));
             }
-            p = self.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+            s = self.wake.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Whether a newer listing arrived; if so the rest of this one goes back under it.
-    fn yield_to_newer(&self, rest: impl FnOnce() -> Listing) -> bool {
-        let mut p = self.lock();
-        if p.stack.is_empty() {
+    /// Whether to leave this listing: stopped, or a newer one was queued since `seen` (the
+    /// rest of this one then goes back under it).
+    fn leave(&self, seen: u64, rest: impl FnOnce() -> Listing) -> bool {
+        let mut s = self.lock();
+        if s.closed {
+            return true;
+        }
+        if s.queued == seen || s.stack.is_empty() {
             return false;
         }
-        let at = p.stack.len() - 1;
-        p.stack.insert(at, rest());
+        let at = s.stack.len() - 1;
+        s.stack.insert(at, rest());
         true
+    }
+}
+
+impl State {
+    fn queue(&mut self, listing: Listing) {
+        self.stack.push(listing);
+        self.queued += 1;
     }
 }
 
@@ -140,51 +217,49 @@ fn work(inner: Weak<Inner>) {
             Some(i) => i.primer.next(),
             None => return,
         };
-        let Some(listing) = next else { return };
+        let Some((listing, seen)) = next else { return };
         let Some(inner) = inner.upgrade() else { return };
-        prime_listing(&inner, listing);
+        prime_listing(&inner, listing, seen);
     }
 }
 
-fn prime_listing(inner: &Arc<Inner>, mut listing: Listing) {
+fn prime_listing(inner: &Arc<Inner>, mut listing: Listing, seen: u64) {
     let Some(notifier) = inner.primer.notifier.get() else { return };
-    let mut leap = 0;
+    let (mut leap, mut pushed) = (0, false);
     for i in 0..listing.files.len() {
         let (ino, size) = listing.files[i];
-        if size > listing.budget {
-            return;
-        }
         if inner.read_or_gone(ino) {
-            // The reader is here already. Priming the very next file would race it for that
-            // file (and lose half the time, both doing the work): leave it the next few and
-            // get ahead of it instead.
-            leap = LEAP;
-            continue;
-        }
-        if leap > 0 {
+            // Met the reader after pushing some: priming the very next file would race it for
+            // that file (and lose half the time, both doing the work); leave it the next few
+            // and get ahead of it instead. Files read before we started are just skipped.
+            if pushed {
+                leap = LEAP;
+            }
+        } else if leap > 0 {
             leap -= 1;
-            continue;
-        }
-        // None: a chunk is not local (or the kernel forgot the inode).
-        if let Some(data) = inner.local_content(ino) {
-            match notifier.store(INodeNo(ino), 0, &data) {
-                Ok(()) => {
-                    listing.budget -= size;
-                    MountStats::bump(&inner.stats.primed_files, 1);
-                    MountStats::bump(&inner.stats.primed_bytes, size);
-                }
-                // The kernel dropped the inode between the listing and now: nothing to prime.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    tracing::debug!("priming inode {ino}: {e}");
-                    return;
+        } else if size <= listing.budget {
+            // None: a chunk is not local (or the kernel forgot the inode).
+            if let Some(data) = inner.local_content(ino) {
+                // fuser reports an inode the kernel no longer knows as success: "pushed", not
+                // "cached" (the kernel drops such a push).
+                match notifier.store(INodeNo(ino), 0, &data) {
+                    Ok(()) => {
+                        pushed = true;
+                        listing.budget -= size;
+                        MountStats::bump(&inner.stats.primed_files, 1);
+                        MountStats::bump(&inner.stats.primed_bytes, size);
+                    }
+                    Err(e) => {
+                        tracing::debug!("priming inode {ino}: {e}");
+                        return;
+                    }
                 }
             }
         }
         let more = i + 1 < listing.files.len();
         let rest =
             || Listing { dir: listing.dir, files: listing.files.split_off(i + 1), budget: listing.budget };
-        if more && inner.primer.yield_to_newer(rest) {
+        if more && inner.primer.leave(seen, rest) {
             return;
         }
     }
