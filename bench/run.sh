@@ -148,6 +148,10 @@ measure() {
 
 skip() { rec "$1.skipped" "$2"; log "skip  $1: $2"; }
 
+median() { # median NUMBER... (the lower middle one for an even count)
+  printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
+}
+
 recorded() { # recorded KEY : the last value recorded for KEY (empty if none)
   awk -F'\t' -v k="$1" '$1 == k { v = $2 } END { print v }' "$RES"
 }
@@ -188,7 +192,7 @@ restores() {
   rec "$key.rc" "$first_rc"
   rec "$key.settled" "$settled"
   if [ "${#times[@]}" -gt 0 ]; then
-    rec "$key.s" "$(printf '%s\n' "${times[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+    rec "$key.s" "$(median "${times[@]}")"
     rec "$key.rss_kib" "$rss"
     rec "$key.runs" "${times[*]}"
     rec "$key.verify" "$(recorded "$key.run1.verify")"
@@ -348,15 +352,14 @@ more_pushes() {
     fi
   done
   for key in "$k.push1" "$k.push2"; do
-    local times=() t
+    local times=()
     [ "$(recorded "$key.rc")" = 0 ] && times+=("$(recorded "$key.s")")
     for r in $(seq 2 "$PUSH_RUNS"); do
       [ "$(recorded "$key.run$r.rc")" = 0 ] && times+=("$(recorded "$key.run$r.s")")
     done
     [ "${#times[@]}" -gt 1 ] || continue
     rec "$key.runs" "${times[*]}"
-    t=$(printf '%s\n' "${times[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-    rec "$key.s" "$t"
+    rec "$key.s" "$(median "${times[@]}")"
   done
 }
 

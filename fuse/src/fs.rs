@@ -300,24 +300,17 @@ impl Inner {
     /// that hold them.
     async fn entries(&self, dir: &Dir, from: usize, max: usize) -> Result<Vec<Node>, Errno> {
         let id = match dir {
-            Dir::Synthetic(nodes) => return Ok(nodes.iter().skip(from).take(max).cloned().collect()),
+            Dir::Synthetic(nodes) => return Ok(slice(nodes, from, max)),
             Dir::Tree(id) => *id,
         };
-        let t = self.tree(id).await?;
-        match &*t {
-            Tree::Leaf(nodes) => Ok(nodes.iter().skip(from).take(max).cloned().collect()),
+        match &*self.tree(id).await? {
+            Tree::Leaf(nodes) => Ok(slice(nodes, from, max)),
             Tree::Pages(pages) => {
                 let mut out = Vec::new();
-                let mut first = 0usize;
-                for p in pages {
-                    let count = p.count as usize;
-                    if first + count > from && out.len() < max {
-                        let leaf = self.leaf(p.id).await?;
-                        let Tree::Leaf(nodes) = &*leaf else { unreachable!("leaf() checked") };
-                        let skip = from.saturating_sub(first);
-                        out.extend(nodes.iter().skip(skip).take(max - out.len()).cloned());
-                    }
-                    first += count;
+                for (page, skip, take) in page_spans(pages, from, max) {
+                    let leaf = self.leaf(page).await?;
+                    let Tree::Leaf(nodes) = &*leaf else { unreachable!("leaf() checked") };
+                    out.extend(slice(nodes, skip, take));
                 }
                 Ok(out)
             }
@@ -327,25 +320,18 @@ impl Inner {
     /// [`Inner::entries`] from decoded directories in memory only; `None` when a fetch is needed.
     fn entries_cached(&self, dir: &Dir, from: usize, max: usize) -> Option<Vec<Node>> {
         let id = match dir {
-            Dir::Synthetic(nodes) => return Some(nodes.iter().skip(from).take(max).cloned().collect()),
+            Dir::Synthetic(nodes) => return Some(slice(nodes, from, max)),
             Dir::Tree(id) => *id,
         };
         let mut trees = self.trees.lock().expect("tree lock");
         let t = trees.get(&id)?.clone();
         match &*t {
-            Tree::Leaf(nodes) => Some(nodes.iter().skip(from).take(max).cloned().collect()),
+            Tree::Leaf(nodes) => Some(slice(nodes, from, max)),
             Tree::Pages(pages) => {
                 let mut out = Vec::new();
-                let mut first = 0usize;
-                for p in pages {
-                    let count = p.count as usize;
-                    if first + count > from && out.len() < max {
-                        let leaf = trees.get(&p.id)?.clone();
-                        let Tree::Leaf(nodes) = &*leaf else { return None };
-                        let skip = from.saturating_sub(first);
-                        out.extend(nodes.iter().skip(skip).take(max - out.len()).cloned());
-                    }
-                    first += count;
+                for (page, skip, take) in page_spans(pages, from, max) {
+                    let Tree::Leaf(nodes) = &**trees.get(&page)? else { return None };
+                    out.extend(slice(nodes, skip, take));
                 }
                 Some(out)
             }
@@ -611,6 +597,28 @@ fn assemble(
         }
     }
     Ok(out)
+}
+
+/// `max` nodes from `from` on, cloned.
+fn slice(nodes: &[Node], from: usize, max: usize) -> Vec<Node> {
+    nodes.iter().skip(from).take(max).cloned().collect()
+}
+
+/// The pages of a paged directory holding entries `[from, from + max)`: (page, entries to skip
+/// in it, entries to take from it).
+fn page_spans(pages: &[tree::TreePage], from: usize, max: usize) -> Vec<(Id, usize, usize)> {
+    let (mut first, mut left, mut out) = (0usize, max, Vec::new());
+    for p in pages {
+        let count = p.count as usize;
+        if first + count > from && left > 0 {
+            let skip = from.saturating_sub(first);
+            let take = (count - skip).min(left);
+            out.push((p.id, skip, take));
+            left -= take;
+        }
+        first += count;
+    }
+    out
 }
 
 fn hash_name(name: &[u8]) -> u64 {

@@ -129,31 +129,19 @@ impl Primer {
         if s.last_first_read.is_some_and(|t| t.elapsed() < READING_NOW) {
             s.dirs.put(dir, DirState::Reading);
         }
-        match s.dirs.get_mut(&dir) {
-            Some(DirState::Reading) => {
+        match s.dirs.get_or_insert_mut(dir, || DirState::Listed(Vec::new(), 0)) {
+            DirState::Reading => {
                 s.queue(Listing { dir, files, budget: PER_DIR });
                 drop(s);
                 self.wake.notify_one();
             }
-            Some(DirState::Listed(waiting, bytes)) => {
+            DirState::Listed(waiting, bytes) => {
                 for (ino, size) in files {
                     if *bytes + size <= PER_DIR {
                         *bytes += size;
                         waiting.push((ino, size));
                     }
                 }
-            }
-            None => {
-                let mut bytes = 0;
-                let files: Vec<_> = files
-                    .into_iter()
-                    .filter(|(_, size)| {
-                        bytes += size;
-                        bytes <= PER_DIR
-                    })
-                    .collect();
-                let total = files.iter().map(|(_, size)| size).sum();
-                s.dirs.put(dir, DirState::Listed(files, total));
             }
         }
     }

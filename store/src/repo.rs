@@ -301,21 +301,16 @@ impl Repository {
             .await
             .map_err(|err| Error::store(&name, err))?;
         let raw: u64 = entries.iter().map(|e| e.raw_len as u64).sum();
+        let entries = entries.to_vec();
+        let decode = move || {
+            entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
+        };
         if raw < OFFLOAD_DECODE {
-            return entries
-                .iter()
-                .zip(parts)
-                .map(|(e, stored)| pack::open_chunk(e, &stored, &name))
-                .collect();
+            return decode();
         }
         // Decompressing and hashing are the CPU of a restore; on the caller's task they would
         // run on one core however many reads are in flight.
-        let entries = entries.to_vec();
-        tokio::task::spawn_blocking(move || {
-            entries.iter().zip(parts).map(|(e, stored)| pack::open_chunk(e, &stored, &name)).collect()
-        })
-        .await
-        .unwrap_or_else(|e| match e.try_into_panic() {
+        tokio::task::spawn_blocking(decode).await.unwrap_or_else(|e| match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
             Err(_) => Err(Error::Interrupted), // the runtime is shutting down
         })
