@@ -49,9 +49,13 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
         )));
     }
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
-    let local =
-        object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| Error::store(url, e))?;
-    Ok(Arc::new(crate::cas::LocalCas::new(Arc::new(local), path)))
+    // Durable like a bucket: a successful put is synced (file and directory), so a snapshot
+    // root is never on disk before the packs and index it names. Packs bypass the page cache.
+    let local = object_store::local::LocalFileSystem::new_with_prefix(path)
+        .map_err(|e| Error::store(url, e))?
+        .with_fsync(true);
+    let direct = crate::direct::DirectLocal::new(Arc::new(local));
+    Ok(Arc::new(crate::cas::LocalCas::new(Arc::new(direct), path)))
 }
 
 /// Timeouts and retries beyond object_store's defaults, from the environment:

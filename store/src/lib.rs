@@ -6,6 +6,7 @@
 //! - [`backend`] — opening a store by URL; [`backend::CountingStore`] counts requests.
 //! - [`repo`] — [`Repository`]: verified reads of chunks, trees and snapshots.
 //! - [`cas`] — [`cas::LocalCas`]: compare-and-swap writes for local-directory repositories.
+//! - [`direct`] — [`direct::DirectLocal`]: durable local writes; packs skip the page cache.
 //! - [`cache`] — the local RocksDB cache (chunk index, file-change cache); rebuildable.
 //! - [`lease`] — [`lease::WriterLease`]: a push's part in the GC protocol (docs/gc.md).
 //! - [`push`] — directory or memory image → packs → index segment → snapshot root.
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod cache;
 pub mod cas;
 pub mod commands;
+pub mod direct;
 pub mod error;
 pub mod format;
 pub mod id;
