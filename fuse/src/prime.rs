@@ -57,6 +57,9 @@ pub(crate) struct Primer {
     notifier: OnceLock<Notifier>,
     state: Mutex<State>,
     wake: Condvar,
+    /// Joined at stop: a thread that used RocksDB must not outlive `main` (its thread-local
+    /// cleanup then locks a mutex that static destruction already took: "pthread lock").
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct State {
@@ -87,6 +90,7 @@ impl Primer {
                 closed: false,
             }),
             wake: Condvar::new(),
+            worker: Mutex::new(None),
         }
     }
 
@@ -104,7 +108,8 @@ impl Primer {
         if self.max_file == 0 {
             return Ok(());
         }
-        std::thread::Builder::new().name("cairn-prime".into()).spawn(move || work(inner))?;
+        let handle = std::thread::Builder::new().name("cairn-prime".into()).spawn(move || work(inner))?;
+        *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         let _ = self.notifier.set(notifier);
         self.lock().started = true;
         Ok(())
@@ -115,6 +120,12 @@ impl Primer {
     pub fn stop(&self) {
         self.lock().closed = true;
         self.wake.notify_all();
+        let worker = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = worker {
+            if w.thread().id() != std::thread::current().id() {
+                let _ = w.join();
+            }
+        }
     }
 
     /// Note the files `(inode, size)` of directory `dir` that a listing reply just carried.

@@ -28,6 +28,9 @@ use serde::Serialize;
 
 use crate::liveset::LiveSet;
 
+/// An index of more segments than this is compacted even when nothing is deleted.
+const COMPACT_ABOVE_SEGMENTS: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct GcOptions {
     pub dry_run: bool,
@@ -580,12 +583,47 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     }
 
     // 5. One compacted index without the condemned packs; then the old segments go. Read
-    // and written a segment at a time.
-    let fresh = || IndexSegment { packs: Vec::new(), supersedes: view.segments.clone() };
+    // and written a segment at a time. Skipped when nothing is to be deleted and the index
+    // is not fragmented: a rewrite would only make every host rebuild its chunk index.
+    if condemned.is_empty() && report.packs_repacked == 0 && view.segments.len() <= COMPACT_ABOVE_SEGMENTS {
+        phases.done("compact index (not needed)");
+    } else {
+        compact_index(repo, &view.segments, &condemned, &mut report).await?;
+        phases.done("compact index");
+    }
+
+    // 6. Delete the condemned packs.
+    for p in &condemned {
+        delete(store.as_ref(), &pack::object_name(p)).await?;
+        report.packs_deleted += 1;
+        report.bytes_freed += listed.get(p).copied().unwrap_or(0);
+    }
+    phases.done("delete packs");
+
+    // 7. Done: nothing is condemned any more.
+    gc_state.condemned.clear();
+    gc_state.finished = true;
+    put_state(store.as_ref(), &gc_state, Some(&version)).await?;
+    // This host's chunk index is not refreshed here: after a compaction it is rebuilt by the
+    // next command that needs it, as on every other host, and a gc host may never need it.
+    report.requests = repo.requests().since(&before);
+    report.phases = phases.list;
+    Ok(report)
+}
+
+/// Write the index again without the condemned packs, then delete the old segments.
+async fn compact_index(
+    repo: &Repository,
+    segments: &[Id],
+    condemned: &HashSet<PackId>,
+    report: &mut GcReport,
+) -> Result<()> {
+    let store = repo.store().clone();
+    let fresh = || IndexSegment { packs: Vec::new(), supersedes: segments.to_vec() };
     let mut seg = fresh();
     let mut emitted: HashSet<PackId> = HashSet::new();
     let mut written = HashSet::new();
-    for old in &view.segments {
+    for old in segments {
         for p in read_segment(repo, old).await?.packs {
             if condemned.contains(&p.id) || !emitted.insert(p.id) {
                 continue;
@@ -604,30 +642,13 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         written.insert(id);
     }
     report.segments_written = written.len();
-    for old in &view.segments {
+    for old in segments {
         if !written.contains(old) {
             delete(store.as_ref(), &index::object_name(old)).await?;
             report.segments_deleted += 1;
         }
     }
-    phases.done("compact index");
-
-    // 6. Delete the condemned packs.
-    for p in &condemned {
-        delete(store.as_ref(), &pack::object_name(p)).await?;
-        report.packs_deleted += 1;
-        report.bytes_freed += listed.get(p).copied().unwrap_or(0);
-    }
-    phases.done("delete packs");
-
-    // 7. Done: nothing is condemned any more.
-    gc_state.condemned.clear();
-    gc_state.finished = true;
-    put_state(store.as_ref(), &gc_state, Some(&version)).await?;
-    repo.sync_index().await?;
-    report.requests = repo.requests().since(&before);
-    report.phases = phases.list;
-    Ok(report)
+    Ok(())
 }
 
 fn sorted(set: &HashSet<PackId>) -> Vec<PackId> {

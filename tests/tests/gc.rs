@@ -90,8 +90,21 @@ fn gc_frees_what_forget_released_and_keeps_the_rest_readable() {
     std::thread::sleep(std::time::Duration::from_millis(1200));
 
     // Nothing is unreferenced yet: gc deletes nothing.
+    let segments = || {
+        let mut names: Vec<_> = std::fs::read_dir(tmp.path().join("repo/index"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before_gc = segments();
+    assert_eq!(before_gc.len(), 2, "one segment per push");
     let first = repo.json(&["gc"]);
     assert_eq!(first["packs_deleted"], 0, "{first}");
+    // ... and leaves the index alone, so no host has to rebuild its chunk index.
+    assert_eq!(first["segments_written"], 0, "{first}");
+    assert_eq!(segments(), before_gc);
     repo.ok(&["forget"]);
     let dry = repo.json(&["gc", "--dry-run"]);
     assert!(dry["packs_deleted"].as_u64().unwrap() >= 1, "{dry}");
@@ -99,6 +112,8 @@ fn gc_frees_what_forget_released_and_keeps_the_rest_readable() {
     assert_eq!(repo.json(&["stats"]), before, "a dry run changes nothing");
     let run = repo.json(&["gc"]);
     assert!(run["bytes_freed"].as_u64().unwrap() >= 3 << 20, "only-a's pack is freed: {run}");
+    assert_eq!(run["segments_written"], 1, "the index is compacted without the freed pack: {run}");
+    assert_eq!(segments().len(), 1);
     let after = repo.json(&["stats"]);
     assert!(after["pack_bytes"].as_u64().unwrap() < before["pack_bytes"].as_u64().unwrap());
     let check = repo.json(&["check", "--read-data"]);
