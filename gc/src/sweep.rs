@@ -19,7 +19,7 @@ use cairn_store::format::index::{self, IndexSegment, IndexedPack, MAX_CHUNKS_PER
 use cairn_store::format::lease::{GcState, Lease, LeaseState, GC_STATE};
 use cairn_store::format::pack::{self, PackBuilder, PackKind};
 use cairn_store::format::snapshot::{self, Snapshot};
-use cairn_store::format::tree::{Content, NodeKind, Tree};
+use cairn_store::format::tree::{Content, Node, NodeKind, Tree};
 use cairn_store::lease::read_gc_state;
 use cairn_store::{Error, Id, PackId, Repository, Result};
 use object_store::path::Path as ObjectPath;
@@ -254,38 +254,47 @@ async fn list_packs(repo: &Repository) -> Result<HashMap<PackId, u64>> {
 }
 
 /// Mark every chunk a snapshot references: trees, chunk lists and data. Subtrees already
-/// marked (shared with an earlier snapshot) are not walked again.
+/// marked (shared with an earlier snapshot) are not walked again. Files are marked as their
+/// directory is decoded, so only directories wait on the stack, not every file's extents.
 async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<()> {
     // Its trees in a few whole-pack reads rather than one read per directory.
     repo.preload_meta(&snap.meta_packs, 64 << 20).await?;
-    let mut stack = vec![snap.root.clone()];
-    while let Some(node) = stack.pop() {
-        match &node.kind {
-            NodeKind::Dir { tree } => {
-                if !live.insert_tree(tree) {
-                    continue;
-                }
-                match repo.read_tree(tree).await? {
-                    Tree::Leaf(nodes) => stack.extend(nodes),
-                    Tree::Pages(pages) => {
-                        for p in pages {
-                            live.insert(&p.id);
-                            match repo.read_tree(&p.id).await? {
-                                Tree::Leaf(nodes) => stack.extend(nodes),
-                                Tree::Pages(_) => {
-                                    return Err(Error::corrupt(format!("tree {}", p.id), "nested pages"))
-                                }
-                            }
+    let mut dirs = Vec::new();
+    mark_nodes(repo, std::slice::from_ref(&snap.root), live, &mut dirs).await?;
+    while let Some(tree) = dirs.pop() {
+        match repo.read_tree(&tree).await? {
+            Tree::Leaf(nodes) => mark_nodes(repo, &nodes, live, &mut dirs).await?,
+            Tree::Pages(pages) => {
+                for p in pages {
+                    live.insert(&p.id);
+                    match repo.read_tree(&p.id).await? {
+                        Tree::Leaf(nodes) => mark_nodes(repo, &nodes, live, &mut dirs).await?,
+                        Tree::Pages(_) => {
+                            return Err(Error::corrupt(format!("tree {}", p.id), "nested pages"))
                         }
                     }
                 }
             }
-            NodeKind::File { content, .. } => {
-                if let Content::Lists(pages) = content {
-                    for p in pages {
-                        live.insert(&p.id);
-                    }
+        }
+    }
+    repo.drop_preloaded();
+    Ok(())
+}
+
+/// Mark the nodes' own chunks; directories not marked before go on `dirs` to be walked.
+async fn mark_nodes(repo: &Repository, nodes: &[Node], live: &mut LiveSet, dirs: &mut Vec<Id>) -> Result<()> {
+    for node in nodes {
+        match &node.kind {
+            NodeKind::Dir { tree } => {
+                if live.insert_tree(tree) {
+                    dirs.push(*tree);
                 }
+            }
+            NodeKind::File { content: Content::Extents(extents), .. } => {
+                extents.iter().filter_map(|e| e.chunk.as_ref()).for_each(|c| live.insert(c));
+            }
+            NodeKind::File { content: content @ Content::Lists(pages), .. } => {
+                pages.iter().for_each(|p| live.insert(&p.id));
                 for e in repo.extents(content).await? {
                     if let Some(c) = e.chunk {
                         live.insert(&c);
@@ -295,7 +304,6 @@ async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<
             _ => {}
         }
     }
-    repo.drop_preloaded();
     Ok(())
 }
 
