@@ -161,6 +161,23 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// The error and its causes, each said once: errors of ours and of `object_store` print their
+/// cause in their own message too, so `{:#}` said the same cause two or three times.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     tracing_subscriber::fmt()
@@ -204,7 +221,7 @@ fn main() -> ExitCode {
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             if is_conflict(&e) {
                 return ExitCode::from(EXIT_CONFLICT);
             }

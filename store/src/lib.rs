@@ -15,6 +15,9 @@
 //! - [`commands`] — the other user commands (ls, cat, diff, stats, check) as functions.
 //! - [`error`] — [`Error`], one typed error naming the object or path at fault.
 
+#[macro_use]
+mod forward;
+
 pub mod backend;
 pub mod cache;
 pub mod cas;

@@ -314,6 +314,67 @@ fn a_full_disk_fails_the_restore_cleanly() {
     assert!(listing.len() < 4, "not everything can fit: {listing:?}");
 }
 
+/// The repository's own disk fills up mid-push (packs are written with O_DIRECT there): the
+/// push fails naming the cause, commits nothing, leaves no staging file, and what was
+/// committed before stays whole.
+#[test]
+fn a_full_repository_disk_fails_the_push_cleanly() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("repo-disk");
+    std::fs::create_dir(&disk).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let repo = Repo::local(&disk.join("repo"));
+    repo.ok(&["init"]);
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    std::fs::write(small.join("f"), "committed before the disk filled").unwrap();
+    let first = repo.push(&small, &[]);
+    let big = tmp.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    let mut noise = vec![0u8; 3 << 20];
+    for i in 0..4 {
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
+        std::fs::write(big.join(format!("r{i}")), &noise).unwrap();
+    }
+    let out = repo.run(&["push", big.to_str().unwrap()]);
+    let staging: Vec<_> = walk(&disk).into_iter().filter(|p| p.to_string_lossy().contains('#')).collect();
+    let snapshots = repo.json(&["snapshots"]);
+    let check = repo.json(&["check", "--read-data"]);
+    let restored = tmp.path().join("out");
+    let restore = repo.run(&["restore", &first, restored.to_str().unwrap()]);
+    let _ = std::process::Command::new("umount").arg(&disk).status();
+    assert!(!out.status.success(), "a push of 12 MB into 6 MB succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(staging.is_empty(), "staging files left behind: {staging:?}");
+    assert_eq!(snapshots.as_array().unwrap().len(), 1, "{snapshots}");
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    assert!(restore.status.success(), "{}", String::from_utf8_lossy(&restore.stderr));
+    assert_eq!(std::fs::read(restored.join("f")).unwrap(), b"committed before the disk filled");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[test]
 fn a_killed_push_or_restore_leaves_every_snapshot_whole() {
     let tmp = tempfile::tempdir().unwrap();
