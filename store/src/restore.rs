@@ -39,8 +39,10 @@ const BATCH_CONCURRENCY: usize = 4;
 const BATCHES_PER_FILE: usize = 4;
 /// Metadata packs up to this size are fetched whole before the walk.
 const META_PRELOAD_BUDGET: u64 = 512 << 20;
-/// Chunks fetched per batch within one file (bounds memory for huge files).
+/// Chunks, and plain bytes, fetched per batch within one file: with `BATCHES_PER_FILE` this
+/// bounds a huge file's memory (a memory image's 256 KiB chunks reach the byte limit first).
 const CHUNK_BATCH: usize = 64;
+const CHUNK_BATCH_BYTES: u64 = 8 << 20;
 
 pub trait RestoreProgress: Sync {
     fn bytes_written(&self, _n: u64) {}
@@ -423,6 +425,23 @@ async fn write_chunks(
     Ok(())
 }
 
+/// Consecutive runs of at most `CHUNK_BATCH` chunks and about `CHUNK_BATCH_BYTES` bytes.
+fn batches(chunks: &[(u64, Extent)]) -> Vec<&[(u64, Extent)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, e)) in chunks.iter().enumerate() {
+        if i > start && (i - start == CHUNK_BATCH || bytes + e.len > CHUNK_BATCH_BYTES) {
+            out.push(&chunks[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += e.len;
+    }
+    if start < chunks.len() {
+        out.push(&chunks[start..]);
+    }
+    out
+}
+
 async fn write_content(
     state: &State<'_>,
     job: &FileJob,
@@ -440,7 +459,7 @@ async fn write_content(
     }
     let chunks: Vec<(u64, Extent)> = placed.into_iter().filter(|(_, e)| e.chunk.is_some()).collect();
     // Batches of a big file are fetched and written concurrently; pwrite needs no order.
-    futures::stream::iter(chunks.chunks(CHUNK_BATCH))
+    futures::stream::iter(batches(&chunks))
         .map(|batch| write_chunks(state, job, &file, batch, fetched))
         .buffer_unordered(BATCHES_PER_FILE)
         .try_collect::<()>()
@@ -451,4 +470,25 @@ async fn write_content(
     clear_name(&*job.dir, &job.name, false).at(&job.rel)?;
     sys::rename(&*job.dir, tmp, &job.name).at(&job.rel)?;
     apply_meta(state, &*job.dir, &job.name, &job.node).at(&job.rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_every_chunk_in_order_within_both_limits() {
+        for (count, len) in [(0usize, 1u64), (1, 64 << 20), (200, 64 << 10), (100, 256 << 10), (7, 3 << 20)] {
+            let chunks: Vec<(u64, Extent)> = (0..count)
+                .map(|i| (i as u64 * len, Extent { chunk: Some(ChunkId::of(&i.to_le_bytes())), len }))
+                .collect();
+            let got = batches(&chunks);
+            assert_eq!(got.concat(), chunks, "{count} chunks of {len}");
+            for b in &got {
+                assert!(!b.is_empty() && b.len() <= CHUNK_BATCH);
+                let bytes: u64 = b.iter().map(|(_, e)| e.len).sum();
+                assert!(b.len() == 1 || bytes <= CHUNK_BATCH_BYTES, "{count} x {len}: batch of {bytes}");
+            }
+        }
+    }
 }
