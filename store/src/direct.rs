@@ -70,7 +70,8 @@ fn unsupported(e: &std::io::Error) -> bool {
 
 /// Open `{dest}#{n}`, a name `LocalFileSystem` leaves out of listings, creating parents.
 fn open_staging(dest: &FsPath) -> std::io::Result<(File, PathBuf)> {
-    for n in 1u32.. {
+    let (mut n, mut created_parent) = (1u32, false);
+    loop {
         let mut name = dest.as_os_str().to_owned();
         name.push(format!("#{n}"));
         let staging = PathBuf::from(name);
@@ -78,8 +79,10 @@ fn open_staging(dest: &FsPath) -> std::io::Result<(File, PathBuf)> {
             OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(&staging);
         match open {
             Ok(f) => return Ok((f, staging)),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            // Another writer's staging file (ours or LocalFileSystem's) for the same object.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound && !created_parent => {
+                created_parent = true;
                 if let Some(parent) = dest.parent() {
                     std::fs::create_dir_all(parent)?;
                     sync_dir(parent.parent())?;
@@ -88,7 +91,6 @@ fn open_staging(dest: &FsPath) -> std::io::Result<(File, PathBuf)> {
             Err(e) => return Err(e),
         }
     }
-    Err(std::io::Error::other("no free staging name"))
 }
 
 fn sync_dir(dir: Option<&FsPath>) -> std::io::Result<()> {
