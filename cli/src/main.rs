@@ -161,13 +161,13 @@ fn limit_malloc_arenas() {
     }
 }
 
-/// The error and its causes, each said once: errors of ours and of `object_store` print their
-/// cause in their own message too, so `{:#}` said the same cause two or three times.
+/// The error and its causes, each said once: errors of ours and of `object_store` end their
+/// message with their cause's, so `{:#}` said the same cause two or three times.
 fn describe(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.contains(&text) {
+        if out.ends_with(&text) {
             continue;
         }
         if !out.is_empty() {

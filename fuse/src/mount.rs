@@ -231,7 +231,8 @@ impl MountedSnapshot {
             }
         }
         self.stop.store(true, Ordering::SeqCst);
-        self.inner.primer.stop();
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.primer.stop()).await;
         if let Some(order) = self.inner.fetcher.take_trace() {
             let bytes = Trace { chunks: order }.encode();
             if let Some(path) = &self.opts.record_trace {
@@ -310,10 +311,11 @@ impl MountedSnapshot {
 impl Drop for MountedSnapshot {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.inner.primer.stop();
         if self.session.as_ref().is_some_and(|t| !t.is_finished()) {
             let _ = self.unmounter.lock().map(|mut u| u.unmount());
         }
+        // After the unmount: a push to the kernel in progress then fails fast.
+        self.inner.primer.stop();
     }
 }
 

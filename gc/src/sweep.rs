@@ -591,9 +591,11 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     }
 
     // 5. One compacted index without the condemned packs; then the old segments go. Read
-    // and written a segment at a time. Skipped when nothing is to be deleted and the index
-    // is not fragmented: a rewrite would only make every host rebuild its chunk index.
-    if condemned.is_empty() && report.packs_repacked == 0 && view.segments.len() <= COMPACT_ABOVE_SEGMENTS {
+    // and written a segment at a time. Skipped when the index names no pack to be deleted
+    // (only unindexed leftovers of dead pushes, or nothing) and is not fragmented: a rewrite
+    // would only make every host rebuild its chunk index.
+    let names_condemned = condemned.iter().any(|p| view.packs.contains_key(p));
+    if !names_condemned && report.packs_repacked == 0 && view.segments.len() <= COMPACT_ABOVE_SEGMENTS {
         phases.done("compact index (not needed)");
     } else {
         compact_index(repo, &view.segments, &condemned, &mut report).await?;

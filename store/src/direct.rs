@@ -84,13 +84,23 @@ fn open_staging(dest: &FsPath) -> std::io::Result<(File, PathBuf)> {
             Err(e) if e.kind() == ErrorKind::NotFound && !created_parent => {
                 created_parent = true;
                 if let Some(parent) = dest.parent() {
-                    std::fs::create_dir_all(parent)?;
-                    sync_dir(parent.parent())?;
+                    create_dirs_durably(parent)?;
                 }
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `create_dir_all`, then sync the directory holding each new one, top down, so that every
+/// new entry on the way to the object survives a crash.
+fn create_dirs_durably(dir: &FsPath) -> std::io::Result<()> {
+    let missing: Vec<&FsPath> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        sync_dir(d.parent())?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: Option<&FsPath>) -> std::io::Result<()> {
@@ -105,7 +115,17 @@ fn write_aligned(file: &mut File, payload: &PutPayload) -> std::io::Result<u64> 
     let mut backing = vec![0u8; WRITE_UNIT + ALIGN];
     let start = backing.as_ptr().align_offset(ALIGN);
     let buf = &mut backing[start..start + WRITE_UNIT];
-    let (mut filled, mut total) = (0usize, 0u64);
+    let (mut filled, mut total, mut first) = (0usize, 0u64, true);
+    // Only the first write's EINVAL means the file system refuses direct I/O; a later one is
+    // an error like any other (it must not quietly turn direct writes off).
+    let mut write = |bytes: &[u8]| -> std::io::Result<()> {
+        let r = file.write_all(bytes).map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) if first => std::io::Error::new(ErrorKind::Unsupported, e),
+            _ => e,
+        });
+        first = false;
+        r
+    };
     for part in payload.iter() {
         let mut part: &[u8] = part;
         while !part.is_empty() {
@@ -113,7 +133,7 @@ fn write_aligned(file: &mut File, payload: &PutPayload) -> std::io::Result<u64> 
             buf[filled..filled + n].copy_from_slice(&part[..n]);
             (filled, part, total) = (filled + n, &part[n..], total + n as u64);
             if filled == WRITE_UNIT {
-                file.write_all(buf)?;
+                write(buf)?;
                 filled = 0;
             }
         }
@@ -121,7 +141,7 @@ fn write_aligned(file: &mut File, payload: &PutPayload) -> std::io::Result<u64> 
     if filled > 0 {
         let padded = filled.next_multiple_of(ALIGN);
         buf[filled..padded].fill(0);
-        file.write_all(&buf[..padded])?;
+        write(&buf[..padded])?;
         file.set_len(total)?;
     }
     Ok(total)
@@ -141,7 +161,7 @@ fn put_direct(dest: &FsPath, payload: &PutPayload) -> std::io::Result<Outcome> {
         Ok(()) => Ok(Outcome::Written),
         Err(e) => {
             let _ = std::fs::remove_file(&staging);
-            if unsupported(&e) {
+            if e.kind() == ErrorKind::Unsupported {
                 Ok(Outcome::Unsupported)
             } else {
                 Err(e)
@@ -170,6 +190,8 @@ object_store_changing_puts!(DirectLocal {
         .map_err(|e| object_store::Error::Generic { store: "DirectLocal", source: Box::new(e) })?;
         match outcome? {
             Outcome::Written => {
+                // Packs are named by their content, so whatever replaced this one since the
+                // rename has the same bytes; conditional writes (LocalCas) never come here.
                 let meta = self.inner.head(location).await?;
                 Ok(PutResult { e_tag: meta.e_tag, version: meta.version, extensions: Default::default() })
             }

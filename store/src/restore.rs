@@ -484,10 +484,15 @@ mod tests {
                 .collect();
             let got = batches(&chunks);
             assert_eq!(got.concat(), chunks, "{count} chunks of {len}");
-            for b in &got {
+            for (i, b) in got.iter().enumerate() {
                 assert!(!b.is_empty() && b.len() <= CHUNK_BATCH);
                 let bytes: u64 = b.iter().map(|(_, e)| e.len).sum();
                 assert!(b.len() == 1 || bytes <= CHUNK_BATCH_BYTES, "{count} x {len}: batch of {bytes}");
+                // Full: the next chunk would have broken a limit.
+                if let Some(next) = got.get(i + 1) {
+                    let full = b.len() == CHUNK_BATCH || bytes + next[0].1.len > CHUNK_BATCH_BYTES;
+                    assert!(full, "{count} x {len}: batch {i} could have taken one more");
+                }
             }
         }
     }

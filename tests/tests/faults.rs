@@ -332,6 +332,7 @@ fn a_full_repository_disk_fails_the_push_cleanly() {
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs");
+    let _unmount = Unmount(&disk);
     let repo = Repo::local(&disk.join("repo"));
     repo.ok(&["init"]);
     let small = tmp.path().join("small");
@@ -351,7 +352,6 @@ fn a_full_repository_disk_fails_the_push_cleanly() {
     let check = repo.json(&["check", "--read-data"]);
     let restored = tmp.path().join("out");
     let restore = repo.run(&["restore", &first, restored.to_str().unwrap()]);
-    let _ = std::process::Command::new("umount").arg(&disk).status();
     assert!(!out.status.success(), "a push of 12 MB into 6 MB succeeded");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No space left on device"), "{err}");
@@ -360,6 +360,15 @@ fn a_full_repository_disk_fails_the_push_cleanly() {
     assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
     assert!(restore.status.success(), "{}", String::from_utf8_lossy(&restore.stderr));
     assert_eq!(std::fs::read(restored.join("f")).unwrap(), b"committed before the disk filled");
+}
+
+/// Unmounts at the end of the test, or when an assertion fails first.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0).status();
+    }
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -287,3 +287,37 @@ fn gc_repacks_mostly_dead_packs() {
     repo.ok(&["restore", &latest, out.to_str().unwrap()]);
     assert_same_tree(&src, &out);
 }
+
+/// A pack left by a push that died before writing its index is deleted, and since the index
+/// never named it, the index is not rewritten (which would make every host rebuild its own).
+#[test]
+fn gc_deletes_a_dead_pushs_pack_without_rewriting_the_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    let repo = Repo::local(&root);
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("f"), 1 << 20, 9);
+    let snap = repo.push(&src, &[]);
+    let index = || {
+        let mut names: Vec<_> =
+            std::fs::read_dir(root.join("index")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let before = index();
+    let stray = root.join("packs/ab").join(format!("ab{}", "0".repeat(62)));
+    std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
+    std::fs::write(&stray, b"half a pack").unwrap();
+    let run = repo.json(&["gc"]);
+    assert_eq!(run["packs_deleted"], 1, "{run}");
+    assert_eq!(run["segments_written"], 0, "{run}");
+    assert!(!stray.exists());
+    assert_eq!(index(), before);
+    let check = repo.json(&["check", "--read-data"]);
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    let out = tmp.path().join("out");
+    repo.ok(&["restore", &snap, out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+}
