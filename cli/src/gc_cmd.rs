@@ -141,6 +141,9 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
             "repacked {} packs ({} written); index: {} segments written, {} deleted; writers: {} waited for, {} revoked, {} rolled forward; {} packs taken back",
             r.packs_repacked, crate::bytes(r.bytes_repacked), r.segments_written, r.segments_deleted, r.leases_waited, r.leases_revoked, r.leases_rolled_forward, r.packs_taken_back
         );
+        if r.staging_removed > 0 {
+            println!("removed {} staging files left by writers killed mid-write", r.staging_removed);
+        }
     }
     let phases: Vec<String> = r.phases.iter().map(|(n, s)| format!("{n} {s:.2}s")).collect();
     println!(

@@ -291,6 +291,8 @@ mod control {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{UnixListener, UnixStream};
 
+    // One reply per commit over a socket: the size of its variants does not matter.
+    #[allow(clippy::large_enum_variant)]
     #[derive(Serialize, Deserialize)]
     enum Reply {
         Committed { head: Head, summary: PushSummary },

@@ -301,7 +301,7 @@ impl ChunkCache {
 
     fn free_bytes(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.cfg.dir)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0)
     }
 
@@ -380,7 +380,6 @@ mod tests {
         std::thread::scope(|s| {
             for t in 0..4u32 {
                 let cache = cache.clone();
-                let hot = hot;
                 s.spawn(move || {
                     for i in 0..200u32 {
                         let (id, bytes) = chunk(t * 1000 + i, 1000 + (i as usize * 997) % 40_000);

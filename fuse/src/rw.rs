@@ -332,10 +332,8 @@ impl MountedVolume {
         if self.unmount_overlay().is_err() {
             self.detach_overlay();
         }
-        if !self.lower.is_finished() {
-            if self.lower.unmount().is_err() {
-                crate::mount::unmount(self.lower.mountpoint())?;
-            }
+        if !self.lower.is_finished() && self.lower.unmount().is_err() {
+            crate::mount::unmount(self.lower.mountpoint())?;
         }
         self.lower.finish().await
     }

@@ -13,6 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cairn_store::{Id, Snapshot};
 use serde::Serialize;
 
+/// A time bucket of the keep rules: its name, how many to keep, and a snapshot's bucket key.
+type Bucket = (&'static str, Option<usize>, fn(SystemTime) -> String);
+
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     pub keep_last: Option<usize>,
@@ -84,7 +87,7 @@ pub fn decide(snaps: &[(Id, Snapshot)], policy: &Policy, now: SystemTime) -> Vec
                 r.push(format!("last {}", i + 1));
             }
         }
-        let buckets: [(&str, Option<usize>, fn(SystemTime) -> String); 5] = [
+        let buckets: [Bucket; 5] = [
             ("hourly", policy.keep_hourly, |t| fmt(t)[..13].to_string()),
             ("daily", policy.keep_daily, |t| fmt(t)[..10].to_string()),
             ("weekly", policy.keep_weekly, |t| {

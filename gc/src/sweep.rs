@@ -8,6 +8,7 @@
 //! 4. mark again from everything committed meanwhile; take back condemned packs it needs;
 //! 5. write one compacted index without the condemned packs, delete the old segments;
 //! 6. delete the condemned packs; 7. clear `gc/state`.
+//!
 //! A run killed at any step leaves a consistent repository; the next run finishes the job.
 
 use std::collections::{HashMap, HashSet};
@@ -72,6 +73,8 @@ pub struct GcReport {
     pub packs_repacked: usize,
     pub bytes_repacked: u64,
     pub bytes_freed: u64,
+    /// Staging files of writers killed mid-write (local repositories only).
+    pub staging_removed: usize,
     pub segments_written: usize,
     pub segments_deleted: usize,
     pub leases_waited: usize,
@@ -282,6 +285,7 @@ async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<
 }
 
 /// Mark the nodes' own chunks; directories not marked before go on `dirs` to be walked.
+#[allow(clippy::collapsible_match)] // marking a tree in a match guard would hide its side effect
 async fn mark_nodes(repo: &Repository, nodes: &[Node], live: &mut LiveSet, dirs: &mut Vec<Id>) -> Result<()> {
     for node in nodes {
         match &node.kind {
@@ -607,6 +611,14 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         delete(store.as_ref(), &pack::object_name(p)).await?;
         report.packs_deleted += 1;
         report.bytes_freed += listed.get(p).copied().unwrap_or(0);
+    }
+    // Staging files that writers killed mid-write left in a local repository; old enough
+    // that no writer still alive is writing them (a writer past the lease timeout was revoked).
+    if let Some(root) = cairn_store::backend::local_path(repo.url()) {
+        match cairn_store::direct::remove_stale_staging(std::path::Path::new(root), opts.lease_timeout) {
+            Ok(n) => report.staging_removed = n,
+            Err(e) => tracing::warn!("sweeping staging files under {root}: {e}"),
+        }
     }
     phases.done("delete packs");
 

@@ -467,7 +467,7 @@ fn act() -> impl Strategy<Value = Act> {
 }
 
 fn blob(i: u8) -> Vec<u8> {
-    (0..2000u32).map(|j| (j.wrapping_mul(31) ^ i as u32 * 7919) as u8).collect()
+    (0..2000u32).map(|j| (j.wrapping_mul(31) ^ (i as u32 * 7919)) as u8).collect()
 }
 
 fn run_world(
@@ -619,7 +619,7 @@ fn a_rollback_whose_base_was_collected_meanwhile_commits_nothing() {
         cairn_store::volume::create(&setup, VOLUME, Some(&first.to_hex())).await.unwrap();
         // Version 2 alone holds these bytes; version 3 is the head.
         let only_v2: Vec<u8> = (0..3000u32).map(|i| (i * 13 + 7) as u8).collect();
-        commit_volume(&setup, &[only_v2.clone()]).await.unwrap();
+        commit_volume(&setup, std::slice::from_ref(&only_v2)).await.unwrap();
         commit_volume(&setup, &[blob(1)]).await.unwrap();
 
         let rollback = tokio::task::spawn_local(ACTOR.scope(ROLLBACK, {

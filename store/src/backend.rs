@@ -42,12 +42,11 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
             Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
         });
     }
-    let path = url.strip_prefix("file://").unwrap_or(url);
-    if path.contains("://") {
+    let Some(path) = local_path(url) else {
         return Err(Error::Usage(format!(
             "{url}: unsupported repository URL (use a path, file://, s3:// or memory://)"
         )));
-    }
+    };
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
     // Durable like a bucket: a successful put is synced (file and directory), so a snapshot
     // root is never on disk before the packs and index it names. Packs bypass the page cache.
@@ -56,6 +55,12 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
         .with_fsync(true);
     let direct = crate::direct::DirectLocal::new(Arc::new(local));
     Ok(Arc::new(crate::cas::LocalCas::new(Arc::new(direct), path)))
+}
+
+/// The directory of a local repository URL (a plain path or `file://`); `None` for others.
+pub fn local_path(url: &str) -> Option<&str> {
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    (!path.contains("://") && url != "memory:").then_some(path)
 }
 
 /// Timeouts and retries beyond object_store's defaults, from the environment:

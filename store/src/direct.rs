@@ -170,6 +170,37 @@ fn put_direct(dest: &FsPath, payload: &PutPayload) -> std::io::Result<Outcome> {
     }
 }
 
+/// Delete staging files (`{name}#{digits}`, ours and `LocalFileSystem`'s) older than `age`
+/// anywhere under a local repository: what writers killed mid-write left behind. Listings
+/// never show them, so nothing else ever would. Returns how many went.
+pub fn remove_stale_staging(root: &FsPath, age: std::time::Duration) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let name = entry.file_name();
+            let staging = name.to_str().and_then(|n| n.rsplit_once('#')).is_some_and(|(object, n)| {
+                !object.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+            });
+            let old = entry.metadata()?.modified()?.elapsed().is_ok_and(|a| a > age);
+            if kind.is_file() && staging && old {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
 object_store_changing_puts!(DirectLocal {
     async fn put_opts(
         &self,
@@ -258,6 +289,24 @@ mod tests {
         let data = pattern(DIRECT_MIN + 3, 7);
         s.put(&Path::from("packs/p"), PutPayload::from(data.clone())).await.unwrap();
         assert!(s.get(&Path::from("packs/p")).await.unwrap().bytes().await.unwrap() == data);
+    }
+
+    #[test]
+    fn only_old_staging_files_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = dir.path().join("packs/ab");
+        std::fs::create_dir_all(&packs).unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for name in ["p#1", "p#22", "p", "p#x1", "#1", "q#"] {
+            let f = File::create(packs.join(name)).unwrap();
+            f.set_modified(hour_ago).unwrap();
+        }
+        File::create(packs.join("fresh#1")).unwrap();
+        let removed = remove_stale_staging(dir.path(), std::time::Duration::from_secs(900)).unwrap();
+        assert_eq!(removed, 2);
+        let mut left: Vec<_> = walk(dir.path()).iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["#1", "fresh#1", "p", "p#x1", "q#"]);
     }
 
     fn walk(dir: &FsPath) -> Vec<PathBuf> {

@@ -290,6 +290,7 @@ fn gc_repacks_mostly_dead_packs() {
 
 /// A pack left by a push that died before writing its index is deleted, and since the index
 /// never named it, the index is not rewritten (which would make every host rebuild its own).
+/// Old staging files of killed writers are swept too.
 #[test]
 fn gc_deletes_a_dead_pushs_pack_without_rewriting_the_index() {
     let tmp = tempfile::tempdir().unwrap();
@@ -310,10 +311,17 @@ fn gc_deletes_a_dead_pushs_pack_without_rewriting_the_index() {
     let stray = root.join("packs/ab").join(format!("ab{}", "0".repeat(62)));
     std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
     std::fs::write(&stray, b"half a pack").unwrap();
+    // And the staging files of writers killed while writing: an old one goes, a fresh one
+    // (a writer may still be at it) stays.
+    let (old, fresh) = (root.join("packs/ab/abc#1"), root.join("packs/ab/abd#1"));
+    let f = std::fs::File::create(&old).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
+    std::fs::write(&fresh, b"being written").unwrap();
     let run = repo.json(&["gc"]);
     assert_eq!(run["packs_deleted"], 1, "{run}");
     assert_eq!(run["segments_written"], 0, "{run}");
-    assert!(!stray.exists());
+    assert_eq!(run["staging_removed"], 1, "{run}");
+    assert!(!stray.exists() && !old.exists() && fresh.exists());
     assert_eq!(index(), before);
     let check = repo.json(&["check", "--read-data"]);
     assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");

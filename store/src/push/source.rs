@@ -271,7 +271,7 @@ impl Walker<'_> {
     fn chunk_file(&self, file: &File, meta: &Metadata, path: &Path) -> Result<Vec<Extent>> {
         let size = meta.size();
         let maybe_sparse = meta.blocks() * 512 < size || self.chunker.is_memory();
-        let ranges = if maybe_sparse { data_ranges(file, size).at(path)? } else { vec![0..size] };
+        let ranges = if maybe_sparse { data_ranges(file, size).at(path)? } else { whole(size) };
         let mut extents = Vec::new();
         let mut pos = 0;
         for range in ranges {
@@ -493,8 +493,8 @@ pub fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Rang
         if data < 0 {
             let err = std::io::Error::last_os_error();
             return match err.raw_os_error() {
-                Some(libc::ENXIO) => Ok(out),            // no data after pos
-                Some(libc::EINVAL) => Ok(vec![0..size]), // filesystem without SEEK_DATA
+                Some(libc::ENXIO) => Ok(out),          // no data after pos
+                Some(libc::EINVAL) => Ok(whole(size)), // filesystem without SEEK_DATA
                 _ => Err(err),
             };
         }
@@ -533,6 +533,11 @@ pub(super) fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
 
 pub fn new_counts() -> Arc<Counts> {
     Arc::new(Counts::default())
+}
+
+/// The data ranges of a file read whole: one range, from 0 to its size.
+fn whole(size: u64) -> Vec<std::ops::Range<u64>> {
+    std::iter::once(0..size).collect()
 }
 
 #[cfg(test)]
