@@ -227,6 +227,20 @@ pub struct Entry {
     pub blocks_small: bool,
 }
 
+/// Every file (not directory) under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Walk `root` and describe every entry by relative path.
 pub fn describe(root: &Path) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();

@@ -290,13 +290,7 @@ fn a_full_disk_fails_the_restore_cleanly() {
     std::fs::write(src.join("small"), "fits").unwrap();
     let id = repo.push(&src, &[]);
     let mnt = tmp.path().join("small-disk");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
+    let unmount = small_tmpfs(&mnt, "4m");
     let out = repo.run(&["restore", &id, mnt.to_str().unwrap()]);
     let listing: Vec<String> = std::fs::read_dir(&mnt)
         .unwrap()
@@ -307,7 +301,7 @@ fn a_full_disk_fails_the_restore_cleanly() {
         assert!(!name.starts_with(".cairn-restore-"), "temporary {name} left behind");
         assert_eq!(std::fs::read(mnt.join(name)).unwrap(), std::fs::read(src.join(name)).unwrap(), "{name}");
     }
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    drop(unmount);
     assert!(!out.status.success(), "restore onto a full disk succeeded");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No space left on device"), "{err}");
@@ -325,14 +319,7 @@ fn a_full_repository_disk_fails_the_push_cleanly() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("repo-disk");
-    std::fs::create_dir(&disk).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    let _unmount = Unmount(&disk);
+    let _unmount = small_tmpfs(&disk, "6m");
     let repo = Repo::local(&disk.join("repo"));
     repo.ok(&["init"]);
     let small = tmp.path().join("small");
@@ -347,7 +334,8 @@ fn a_full_repository_disk_fails_the_push_cleanly() {
         std::fs::write(big.join(format!("r{i}")), &noise).unwrap();
     }
     let out = repo.run(&["push", big.to_str().unwrap()]);
-    let staging: Vec<_> = walk(&disk).into_iter().filter(|p| p.to_string_lossy().contains('#')).collect();
+    let staging: Vec<_> =
+        files_under(&disk).into_iter().filter(|p| p.to_string_lossy().contains('#')).collect();
     let snapshots = repo.json(&["snapshots"]);
     let check = repo.json(&["check", "--read-data"]);
     let restored = tmp.path().join("out");
@@ -362,26 +350,25 @@ fn a_full_repository_disk_fails_the_push_cleanly() {
     assert_eq!(std::fs::read(restored.join("f")).unwrap(), b"committed before the disk filled");
 }
 
-/// Unmounts at the end of the test, or when an assertion fails first.
+/// A tmpfs of `size` mounted on a new directory `dir`, unmounted when the guard drops (at the
+/// end of the test, or when an assertion fails first).
+fn small_tmpfs<'a>(dir: &'a Path, size: &str) -> Unmount<'a> {
+    std::fs::create_dir(dir).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs on {}", dir.display());
+    Unmount(dir)
+}
+
 struct Unmount<'a>(&'a Path);
 
 impl Drop for Unmount<'_> {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(self.0).status();
     }
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]

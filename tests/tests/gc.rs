@@ -90,14 +90,7 @@ fn gc_frees_what_forget_released_and_keeps_the_rest_readable() {
     std::thread::sleep(std::time::Duration::from_millis(1200));
 
     // Nothing is unreferenced yet: gc deletes nothing.
-    let segments = || {
-        let mut names: Vec<_> = std::fs::read_dir(tmp.path().join("repo/index"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        names
-    };
+    let segments = || index_segments(&tmp.path().join("repo"));
     let before_gc = segments();
     assert_eq!(before_gc.len(), 2, "one segment per push");
     let first = repo.json(&["gc"]);
@@ -210,7 +203,7 @@ fn unfinished_gc_blocks_a_second_run_until_it_is_stale() {
     std::fs::create_dir_all(&src).unwrap();
     write_random(&src.join("f"), 100_000, 9);
     let snap = repo.push(&src, &[]);
-    let pack = walk(&dir.join("packs"))[0].clone();
+    let pack = files_under(&dir.join("packs"))[0].clone();
     let pack_id = pack.file_name().unwrap().to_str().unwrap().to_string();
     std::fs::create_dir_all(dir.join("gc")).unwrap();
     let now = std::time::SystemTime::now();
@@ -242,19 +235,6 @@ fn humantime_rfc3339(t: std::time::SystemTime) -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// A pack that is mostly dead is rewritten: its live chunks move to a new pack and the old one
@@ -301,12 +281,7 @@ fn gc_deletes_a_dead_pushs_pack_without_rewriting_the_index() {
     std::fs::create_dir_all(&src).unwrap();
     write_random(&src.join("f"), 1 << 20, 9);
     let snap = repo.push(&src, &[]);
-    let index = || {
-        let mut names: Vec<_> =
-            std::fs::read_dir(root.join("index")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        names.sort();
-        names
-    };
+    let index = || index_segments(&root);
     let before = index();
     let stray = root.join("packs/ab").join(format!("ab{}", "0".repeat(62)));
     std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
@@ -328,4 +303,12 @@ fn gc_deletes_a_dead_pushs_pack_without_rewriting_the_index() {
     let out = tmp.path().join("out");
     repo.ok(&["restore", &snap, out.to_str().unwrap()]);
     assert_same_tree(&src, &out);
+}
+
+/// The names of a local repository's index segments, sorted.
+fn index_segments(repo: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> =
+        std::fs::read_dir(repo.join("index")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    names
 }

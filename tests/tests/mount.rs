@@ -170,7 +170,7 @@ fn corrupt_chunk_is_eio_for_its_file_only_and_is_not_cached() {
     assert_ne!(first, snap);
     // Damage the pack holding bad.bin (the only data pack of the first push): flip bytes in
     // the middle of its chunk data.
-    let packs: Vec<_> = walk_files(&repo_dir.join("packs"));
+    let packs: Vec<_> = files_under(&repo_dir.join("packs"));
     let first_pack = packs
         .iter()
         .find(|p| {
@@ -198,19 +198,6 @@ fn corrupt_chunk_is_eio_for_its_file_only_and_is_not_cached() {
     let (status, err) = m.stop();
     assert!(status.success(), "{err}");
     assert!(err.contains("BLAKE3"), "the bad chunk is logged: {err}");
-}
-
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]
@@ -317,7 +304,7 @@ fn trace_is_recorded_stored_and_prefetched_by_the_next_mount() {
     let (status, err) = m.stop();
     assert!(status.success(), "{err}");
     assert!(trace_file.metadata().unwrap().len() > 0);
-    let traces = walk_files(&tmp.path().join("repo/traces"));
+    let traces = files_under(&tmp.path().join("repo/traces"));
     assert_eq!(traces.len(), 1);
 
     // Mount 2 on an empty cache prefetches the trace before anyone reads.
@@ -471,7 +458,7 @@ fn du(dir: &Path) -> u64 {
         return 0;
     }
     // Files may be evicted while we walk.
-    walk_files(dir).iter().filter_map(|p| p.metadata().ok()).map(|m| m.blocks() * 512).sum()
+    files_under(dir).iter().filter_map(|p| p.metadata().ok()).map(|m| m.blocks() * 512).sum()
 }
 
 /// Mounting reads the snapshot root and the root directory, nothing that grows with the
