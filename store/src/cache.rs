@@ -4,6 +4,7 @@
 //! copies of snapshot roots, and the file-change cache (a miss just means a file is read
 //! again) — so deleting the directory loses nothing.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::format::index::IndexSegment;
+use crate::format::index::IndexedPack;
 use crate::format::pack::{Codec, PackEntry};
 use crate::format::tree::Content;
 use crate::id::{ChunkId, Id, PackId};
@@ -132,10 +133,16 @@ impl LocalCache {
     /// Record a segment's chunks, then the segment itself: a crash in between leaves extra
     /// (correct) chunk entries and a segment that is read again. Written in bounded batches,
     /// so a 250,000-chunk segment does not need a 20 MB batch in memory.
-    pub fn ingest(&self, segment: &Id, seg: &IndexSegment) -> Result<()> {
+    pub fn ingest<P: Borrow<IndexedPack>>(
+        &self,
+        segment: &Id,
+        packs: impl IntoIterator<Item = Result<P>>,
+    ) -> Result<()> {
         const BATCH: usize = 16_384;
         let mut batch = WriteBatch::default();
-        for pack in &seg.packs {
+        for pack in packs {
+            let pack = pack?;
+            let pack = pack.borrow();
             for e in &pack.chunks {
                 batch.put_cf(self.cf(CF_CHUNKS), e.id.0, encode_location(&pack.id, e));
                 if batch.len() >= BATCH {

@@ -14,7 +14,7 @@ use crate::backend::{self, Counters, CountingStore, RequestStats};
 use crate::cache::{LocalCache, Location};
 use crate::error::{Error, Result};
 use crate::format::config::{Chunking, Config, CONFIG_OBJECT};
-use crate::format::index::{self, IndexSegment};
+use crate::format::index::{self, SegmentReader};
 use crate::format::pack::{self, PackEntry};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::tree::{self, Content, Extent, Node, Tree};
@@ -203,10 +203,11 @@ impl Repository {
             if Id::of(&bytes) != id {
                 return Err(Error::corrupt(&name, "content does not match its id"));
             }
-            let seg = IndexSegment::decode(&bytes, &name)?;
+            let packs = SegmentReader::open(&bytes, &name)?;
             drop(bytes);
-            // Ingested while the permit is held: the budget covers the decoded segment too.
-            self.cache.ingest(&id, &seg)
+            // Ingested a pack at a time while the permit is held: the budget covers the
+            // decoded segment too.
+            self.cache.ingest(&id, packs)
         }))
         .buffer_unordered(SEGMENT_CONCURRENCY);
         while let Some(done) = fetches.next().await {

@@ -238,7 +238,7 @@ async fn push_under_lease(
     for seg in &segments {
         let (id, bytes) = seg.encode();
         repo.put(&index::object_name(&id), bytes).await?;
-        repo.cache().ingest(&id, seg)?;
+        repo.cache().ingest(&id, seg.packs.iter().map(Ok))?;
     }
     let stats = SnapshotStats {
         files: c.files.load(Relaxed),
