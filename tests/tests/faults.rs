@@ -168,6 +168,15 @@ fn opts(src: &Path) -> PushOptions {
     }
 }
 
+/// A repository over a [`FaultStore`], with its cache beside it.
+async fn fault_repo(dir: &Path) -> (Arc<FaultStore>, Repository) {
+    let faults = FaultStore::new();
+    let repo = Repository::init_on(faults.clone(), "fault://", Chunking::default(), &dir.join("cache"))
+        .await
+        .unwrap();
+    (faults, repo)
+}
+
 async fn restore_to(repo: &Repository, id: &cairn_store::Id, out: &Path) -> cairn_store::Result<()> {
     let snap = repo.load_snapshot(id).await?;
     cairn_store::restore::restore(
@@ -187,11 +196,7 @@ async fn store_errors_during_push_commit_nothing_and_a_retry_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     tree(&src, 40, 600_000); // several packs
-    let faults = FaultStore::new();
-    let repo =
-        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
-            .await
-            .unwrap();
+    let (faults, repo) = fault_repo(tmp.path()).await;
     let cancel = AtomicBool::new(false);
     for (prefix, after) in [("packs/", 1), ("index/", 0), ("snapshots/", 0)] {
         faults.fail_puts(prefix, after);
@@ -213,11 +218,7 @@ async fn read_errors_fail_the_restore_and_leave_no_file_looking_good() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     tree(&src, 5, 100_000);
-    let faults = FaultStore::new();
-    let repo =
-        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
-            .await
-            .unwrap();
+    let (faults, repo) = fault_repo(tmp.path()).await;
     let summary =
         cairn_store::push::push(&repo, &opts(&src), &NoProgress, &AtomicBool::new(false)).await.unwrap();
     faults.fail_gets.store(true, SeqCst);
@@ -427,11 +428,7 @@ async fn a_volume_commit_whose_reply_is_lost_is_neither_lost_nor_doubled() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     tree(&src, 3, 10_000);
-    let faults = FaultStore::new();
-    let repo =
-        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
-            .await
-            .unwrap();
+    let (faults, repo) = fault_repo(tmp.path()).await;
     let cancel = AtomicBool::new(false);
     volume::create(&repo, "v", None).await.unwrap();
     volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
@@ -472,11 +469,7 @@ async fn a_writer_adopts_its_own_lost_commit_but_not_anothers() {
     let tmp = tempfile::tempdir().unwrap();
     let upper = tmp.path().join("upper");
     tree(&upper, 2, 1_000);
-    let faults = FaultStore::new();
-    let repo =
-        Repository::init_on(faults.clone(), "fault://", Chunking::default(), &tmp.path().join("cache"))
-            .await
-            .unwrap();
+    let (_faults, repo) = fault_repo(tmp.path()).await;
     let cancel = AtomicBool::new(false);
     let head = volume::create(&repo, "v", None).await.unwrap();
     let commit = |writer: &'static str| OverlayCommit {

@@ -312,3 +312,49 @@ fn index_segments(repo: &std::path::Path) -> Vec<std::ffi::OsString> {
     names.sort();
     names
 }
+
+/// A writer that starts after GC condemned a pack stores that pack's chunks again. When it
+/// stores exactly the same chunks in the same order, its pack must still get a new name:
+/// under the condemned one, GC would delete it after the writer committed.
+#[test]
+fn a_writer_never_uploads_a_condemned_pack_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    let repo = Repo::local(&dir);
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("f"), 100_000, 21);
+    repo.push(&src, &[]);
+    let condemned: Vec<_> = files_under(&dir.join("packs"));
+    let their_index = files_under(&dir.join("index"));
+    let ids: Vec<String> =
+        condemned.iter().map(|p| format!("\"{}\"", p.file_name().unwrap().to_str().unwrap())).collect();
+    std::fs::create_dir_all(dir.join("gc")).unwrap();
+    let state = format!(
+        r#"{{"format": 1, "run": "gc-elsewhere", "started": "{}", "condemned": [{}]}}"#,
+        humantime_rfc3339(std::time::SystemTime::now()),
+        ids.join(", ")
+    );
+    std::fs::write(dir.join("gc/state"), state).unwrap();
+    // A fresh host: nothing cached, the same bytes pushed again.
+    let other = Repo::local(&dir);
+    let again = other.push(&src, &[]);
+    let new: Vec<_> =
+        files_under(&dir.join("packs")).into_iter().filter(|p| !condemned.contains(p)).collect();
+    assert!(!new.is_empty(), "the second push stored its chunks in the condemned packs' names");
+    // The first snapshot is forgotten and GC goes on as it would: the index without the
+    // condemned packs (here: without the segment naming only them), then the packs (the
+    // writer committed after GC's last mark). The second snapshot must not notice.
+    other.ok(&["forget", "--keep-last", "1"]);
+    for p in their_index.iter().chain(&condemned) {
+        std::fs::remove_file(p).unwrap();
+    }
+    std::fs::remove_file(dir.join("gc/state")).unwrap();
+    let fresh = Repo::local(&dir);
+    let check = fresh.json(&["check", "--read-data"]);
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    let out = tmp.path().join("out");
+    fresh.ok(&["restore", &again, out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+}

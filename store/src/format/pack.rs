@@ -10,6 +10,8 @@
 //! All integers little-endian. `table_digest` is the first 16 bytes of BLAKE3(table), so a
 //! truncated or damaged table is caught before any entry is trusted.
 
+use std::collections::HashSet;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{Error, Result};
@@ -91,6 +93,14 @@ impl PackBuilder {
     }
 
     pub fn finish(self) -> FinishedPack {
+        self.finish_avoiding(&HashSet::new())
+    }
+
+    /// Finish with an id outside `avoid`. A pack is named by its bytes, so a writer storing
+    /// the same chunks in the same order as a pack GC has condemned would upload that very
+    /// object again, and GC would then delete it under the writer's snapshot. The footer's
+    /// salt makes the bytes, and so the id, differ.
+    pub fn finish_avoiding(self, avoid: &HashSet<PackId>) -> FinishedPack {
         let PackBuilder { kind, mut buf, entries } = self;
         let table_start = buf.len();
         for e in &entries {
@@ -106,8 +116,15 @@ impl PackBuilder {
         buf.put_slice(&digest.as_bytes()[..16]);
         buf.put_slice(&[kind as u8, 1, 0, 0]);
         buf.put_slice(END_MAGIC);
-        let bytes = buf.freeze();
-        FinishedPack { id: Id::of(&bytes), kind, bytes, entries }
+        let salt_at = buf.len() - END_MAGIC.len() - 2;
+        let mut id = Id::of(&buf);
+        let mut salt = 0u16;
+        while avoid.contains(&id) && salt < u16::MAX {
+            salt += 1;
+            buf[salt_at..salt_at + 2].copy_from_slice(&salt.to_le_bytes());
+            id = Id::of(&buf);
+        }
+        FinishedPack { id, kind, bytes: buf.freeze(), entries }
     }
 }
 
@@ -249,14 +266,31 @@ pub fn seal_chunk(raw: &[u8], level: i32) -> (Codec, Vec<u8>) {
 mod tests {
     use super::*;
 
-    fn sample() -> FinishedPack {
+    fn builder() -> PackBuilder {
         let mut b = PackBuilder::new(PackKind::Data, 1 << 16);
         for i in 0..5u8 {
             let raw = vec![i; 1000 + i as usize];
             let (codec, stored) = seal_chunk(&raw, 3);
             b.add(Id::of(&raw), raw.len() as u32, codec, &stored);
         }
-        b.finish()
+        b
+    }
+
+    fn sample() -> FinishedPack {
+        builder().finish()
+    }
+
+    #[test]
+    fn a_pack_avoiding_a_condemned_twin_reads_the_same_under_a_new_id() {
+        let twin = sample();
+        let mut avoid = HashSet::from([twin.id]);
+        let salted = builder().finish_avoiding(&avoid);
+        assert_ne!(salted.id, twin.id);
+        assert_eq!(salted.id, Id::of(&salted.bytes));
+        assert_eq!(decode_table_of(&salted.bytes, "p").unwrap(), (PackKind::Data, twin.entries.clone()));
+        avoid.insert(salted.id);
+        let third = builder().finish_avoiding(&avoid);
+        assert!(!avoid.contains(&third.id));
     }
 
     #[test]

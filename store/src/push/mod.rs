@@ -182,7 +182,9 @@ async fn push_under_lease(
     let name = source.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
     let (tx, rx) = packer::channel();
     let uploads = tokio::spawn(packer::upload_all(repo.store().clone(), rx));
-    let packer = packer::Packer::new(repo.config().pack_size as usize, repo.config().zstd_level, tx);
+    let config = repo.config();
+    let packer =
+        packer::Packer::new(config.pack_size as usize, config.zstd_level, lease.condemned().clone(), tx);
     let started_ns =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
     let walker = Walker {

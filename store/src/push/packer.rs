@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::error::{Error, Result};
 use crate::format::index::IndexedPack;
 use crate::format::pack::{self, FinishedPack, PackBuilder, PackKind};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, PackId};
 
 /// Packs uploaded at once; together with the queue this bounds push memory to about
 /// `(UPLOADS + QUEUE + 2) × pack_size`.
@@ -29,11 +29,19 @@ pub struct Packer {
     tx: mpsc::Sender<FinishedPack>,
     /// Chunks this push stores; also the claim that stops two threads storing one chunk twice.
     claimed: Mutex<HashSet<ChunkId>>,
+    /// Packs GC has condemned: this push must not upload one of them again (see
+    /// [`PackBuilder::finish_avoiding`]).
+    condemned: HashSet<PackId>,
     pub stored_bytes: AtomicU64,
 }
 
 impl Packer {
-    pub fn new(pack_size: usize, level: i32, tx: mpsc::Sender<FinishedPack>) -> Packer {
+    pub fn new(
+        pack_size: usize,
+        level: i32,
+        condemned: HashSet<PackId>,
+        tx: mpsc::Sender<FinishedPack>,
+    ) -> Packer {
         Packer {
             data: Mutex::new(PackBuilder::new(PackKind::Data, pack_size)),
             meta: Mutex::new(PackBuilder::new(PackKind::Meta, pack_size / 4)),
@@ -41,6 +49,7 @@ impl Packer {
             level,
             tx,
             claimed: Mutex::new(HashSet::new()),
+            condemned,
             stored_bytes: AtomicU64::new(0),
         }
     }
@@ -75,7 +84,9 @@ impl Packer {
     }
 
     fn send(&self, builder: PackBuilder) -> Result<()> {
-        self.tx.blocking_send(builder.finish()).map_err(|_| Error::Usage("pack upload stopped".into()))
+        self.tx
+            .blocking_send(builder.finish_avoiding(&self.condemned))
+            .map_err(|_| Error::Usage("pack upload stopped".into()))
     }
 
     /// Close the open packs.
