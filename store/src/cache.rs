@@ -42,6 +42,10 @@ pub struct FileEntry {
     pub mtime_ns: i64,
     pub ctime_ns: i64,
     pub content: Content,
+    /// The data chunks of chunk-list content, which `content` names only through its list
+    /// pages: a list page can outlive its data (it sits in a metadata pack that stays for
+    /// other trees), so a hit must find every data chunk indexed too.
+    pub list_chunks: Vec<Id>,
 }
 
 pub struct LocalCache {

@@ -358,3 +358,40 @@ fn a_writer_never_uploads_a_condemned_pack_again() {
     fresh.ok(&["restore", &again, out.to_str().unwrap()]);
     assert_same_tree(&src, &out);
 }
+
+/// A large file's content names its data chunks only through chunk-list pages, which sit in
+/// metadata packs that other trees can keep alive after the data is condemned or deleted.
+/// An unchanged large file may reuse its cached content only if its data chunks are all
+/// still there.
+#[test]
+fn an_unchanged_large_file_is_read_again_when_its_data_packs_are_condemned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    let repo = Repo::local(&dir);
+    repo.ok(&["init"]);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("big"), 40 << 20, 31);
+    std::thread::sleep(std::time::Duration::from_millis(1200)); // cached only when settled
+    repo.push(&src, &[]);
+    let again = repo.json(&["push", src.to_str().unwrap()]);
+    assert_eq!(again["files_unchanged"], 1, "the change cache is not in use: {again}");
+
+    let is_data = |p: &std::path::PathBuf| std::fs::read(p).unwrap()[5] == 0;
+    let data: Vec<String> = files_under(&dir.join("packs"))
+        .iter()
+        .filter(|p| is_data(p))
+        .map(|p| format!("\"{}\"", p.file_name().unwrap().to_str().unwrap()))
+        .collect();
+    assert!(!data.is_empty());
+    std::fs::create_dir_all(dir.join("gc")).unwrap();
+    let state = format!(
+        r#"{{"format": 1, "run": "gc-elsewhere", "started": "{}", "condemned": [{}]}}"#,
+        humantime_rfc3339(std::time::SystemTime::now()),
+        data.join(", ")
+    );
+    std::fs::write(dir.join("gc/state"), state).unwrap();
+    let third = repo.json(&["push", src.to_str().unwrap()]);
+    assert_eq!(third["files_unchanged"], 0, "reused content whose data is condemned: {third}");
+    assert!(third["stats"]["new_chunks"].as_u64().unwrap() > 256, "{third}");
+}

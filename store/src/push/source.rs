@@ -221,7 +221,7 @@ impl Walker<'_> {
                     && hit.size == meta.size()
                     && hit.mtime_ns == mtime_ns
                     && hit.ctime_ns == ctime_ns
-                    && self.content_stored(&hit.content)?
+                    && self.content_stored(&hit)?
                 {
                     self.counts.files_unchanged.fetch_add(1, Relaxed);
                     return Ok((hit.size, hit.content));
@@ -231,6 +231,7 @@ impl Walker<'_> {
         let file = File::open(path).at(path)?;
         let extents = self.chunk_file(&file, meta, path)?;
         let size = extents.iter().map(|e| e.len).sum();
+        let data_chunks: Vec<Id> = extents.iter().filter_map(|e| e.chunk).collect();
         let (content, objects) = tree::build_content(extents);
         for obj in objects {
             self.store_meta(obj.id, &obj.bytes)?;
@@ -242,6 +243,7 @@ impl Walker<'_> {
                 size,
                 mtime_ns,
                 ctime_ns,
+                list_chunks: if matches!(content, Content::Lists(_)) { data_chunks } else { Vec::new() },
                 content: content.clone(),
             };
             self.cache.put_file(key, &entry)?;
@@ -249,19 +251,32 @@ impl Walker<'_> {
         Ok((size, content))
     }
 
-    /// Every chunk the content names is in the index (so it may be referenced again).
-    fn content_stored(&self, content: &Content) -> Result<bool> {
-        let ids: Vec<Id> = match content {
-            Content::Extents(ex) => ex.iter().filter_map(|e| e.chunk).collect(),
-            Content::Lists(pages) => pages.iter().map(|p| p.id).collect(),
-        };
-        for id in ids {
-            match self.known(&id)? {
-                Some(loc) if matches!(content, Content::Lists(_)) => {
-                    self.meta_packs.lock().expect("meta lock").insert(loc.pack);
+    /// Every chunk a cached file names, directly or through its lists, is in the index
+    /// outside condemned packs (so it may be referenced again).
+    fn content_stored(&self, hit: &FileEntry) -> Result<bool> {
+        match &hit.content {
+            Content::Extents(ex) => {
+                for id in ex.iter().filter_map(|e| e.chunk) {
+                    if self.known(&id)?.is_none() {
+                        return Ok(false);
+                    }
                 }
-                Some(_) => {}
-                None => return Ok(false),
+            }
+            Content::Lists(pages) => {
+                if hit.list_chunks.is_empty() {
+                    return Ok(false);
+                }
+                for id in &hit.list_chunks {
+                    if self.known(id)?.is_none() {
+                        return Ok(false);
+                    }
+                }
+                for p in pages {
+                    match self.known(&p.id)? {
+                        Some(loc) => self.meta_packs.lock().expect("meta lock").insert(loc.pack),
+                        None => return Ok(false),
+                    };
+                }
             }
         }
         Ok(true)
