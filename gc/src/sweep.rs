@@ -357,6 +357,33 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// This run's hold on `gc/state`. Another run takes an unfinished state over once its
+/// heartbeat is older than the lease timeout (the run looks dead). So a live run renews it
+/// while it waits, and renews it (a conditional update: it fails if another run took over)
+/// right before every step that writes the index or deletes: a run that was paused past the
+/// timeout and resumes learns that it lost the claim before it acts on a stale view.
+struct Claim {
+    version: UpdateVersion,
+    at: Instant,
+    every: Duration,
+}
+
+impl Claim {
+    async fn renew(&mut self, store: &dyn ObjectStore, state: &mut GcState) -> Result<()> {
+        state.heartbeat = now();
+        self.version = put_state(store, state, Some(&self.version)).await?;
+        self.at = Instant::now();
+        Ok(())
+    }
+
+    async fn renew_if_due(&mut self, store: &dyn ObjectStore, state: &mut GcState) -> Result<()> {
+        if self.at.elapsed() >= self.every {
+            self.renew(store, state).await?;
+        }
+        Ok(())
+    }
+}
+
 async fn put_state(
     store: &dyn ObjectStore,
     state: &GcState,
@@ -419,8 +446,9 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     // 1. Read and mark. Nothing has changed yet; any error aborts here.
     let state = read_gc_state(store.as_ref()).await?;
     if let Some((s, _)) = &state {
-        let started = humantime::parse_rfc3339(&s.started).unwrap_or(SystemTime::UNIX_EPOCH);
-        let recent = SystemTime::now().duration_since(started).unwrap_or_default() < opts.lease_timeout;
+        let beat = if s.heartbeat.is_empty() { &s.started } else { &s.heartbeat };
+        let beat = humantime::parse_rfc3339(beat).unwrap_or(SystemTime::UNIX_EPOCH);
+        let recent = SystemTime::now().duration_since(beat).unwrap_or_default() < opts.lease_timeout;
         if !s.finished && recent && !opts.dry_run {
             return Err(Error::Conflict(format!(
                 "garbage collection {} started at {} has not finished; if it died, run gc again after {}",
@@ -438,6 +466,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         format: 1,
         run: run.clone(),
         started: now(),
+        heartbeat: now(),
         condemned: state.as_ref().map(|(s, _)| s.condemned.clone()).unwrap_or_default(),
         finished: false,
     };
@@ -506,7 +535,8 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let mut all_condemned = condemned.clone();
     all_condemned.extend(gc_state.condemned.iter().copied());
     gc_state.condemned = sorted(&all_condemned);
-    let mut version = put_state(store.as_ref(), &gc_state, version.as_ref()).await?;
+    let version = put_state(store.as_ref(), &gc_state, version.as_ref()).await?;
+    let mut claim = Claim { version, at: Instant::now(), every: opts.lease_timeout / 4 };
     phases.done("condemn");
 
     // 3. Wait for every lease that may predate the condemnation.
@@ -558,6 +588,8 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
                 humantime::format_duration(opts.max_wait)
             )));
         }
+        // A long wait must not make this run look dead to the next one.
+        claim.renew_if_due(store.as_ref(), &mut gc_state).await?;
         tokio::time::sleep(opts.poll).await;
     }
     // The last look may predate its own revocations.
@@ -579,7 +611,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     report.packs_taken_back = before_take_back - condemned.len();
     if report.packs_taken_back > 0 {
         gc_state.condemned = sorted(&condemned);
-        version = put_state(store.as_ref(), &gc_state, Some(&version)).await?;
+        claim.renew(store.as_ref(), &mut gc_state).await?;
     }
     report.live_chunks = live.len();
     // Decided: the rest works from the condemned set, and this is the run's largest allocation.
@@ -607,12 +639,14 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     if !names_condemned && report.packs_repacked == 0 && view.segments.len() <= COMPACT_ABOVE_SEGMENTS {
         phases.done("compact index (not needed)");
     } else {
-        compact_index(repo, &view.segments, &condemned, &mut report).await?;
+        compact_index(repo, &view.segments, &condemned, &mut claim, &mut gc_state, &mut report).await?;
         phases.done("compact index");
     }
 
-    // 6. Delete the condemned packs.
+    // 6. Delete the condemned packs, still holding the claim (see `Claim`).
+    claim.renew(store.as_ref(), &mut gc_state).await?;
     for p in &condemned {
+        claim.renew_if_due(store.as_ref(), &mut gc_state).await?;
         delete(store.as_ref(), &pack::object_name(p)).await?;
         report.packs_deleted += 1;
         report.bytes_freed += listed.get(p).copied().unwrap_or(0);
@@ -630,7 +664,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     // 7. Done: nothing is condemned any more.
     gc_state.condemned.clear();
     gc_state.finished = true;
-    put_state(store.as_ref(), &gc_state, Some(&version)).await?;
+    claim.renew(store.as_ref(), &mut gc_state).await?;
     // This host's chunk index is not refreshed here: after a compaction it is rebuilt by the
     // next command that needs it, as on every other host, and a gc host may never need it.
     report.requests = repo.requests().since(&before);
@@ -643,6 +677,8 @@ async fn compact_index(
     repo: &Repository,
     segments: &[Id],
     condemned: &HashSet<PackId>,
+    claim: &mut Claim,
+    state: &mut GcState,
     report: &mut GcReport,
 ) -> Result<()> {
     let store = repo.store().clone();
@@ -659,6 +695,7 @@ async fn compact_index(
             }
             if seg.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !seg.is_empty() {
                 let (id, bytes) = std::mem::replace(&mut seg, fresh()).finish();
+                claim.renew(store.as_ref(), state).await?;
                 repo.put(&index::object_name(&id), bytes).await?;
                 written.insert(id);
             }
@@ -667,10 +704,12 @@ async fn compact_index(
     }
     if !seg.is_empty() || written.is_empty() {
         let (id, bytes) = seg.finish();
+        claim.renew(store.as_ref(), state).await?;
         repo.put(&index::object_name(&id), bytes).await?;
         written.insert(id);
     }
     report.segments_written = written.len();
+    claim.renew(store.as_ref(), state).await?;
     for old in segments {
         if !written.contains(old) {
             delete(store.as_ref(), &index::object_name(old)).await?;

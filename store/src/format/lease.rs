@@ -68,6 +68,10 @@ pub struct GcState {
     pub started: String,
     /// Packs that run will delete unless a writer turns out to need them.
     pub condemned: Vec<PackId>,
+    /// Renewed by the run while it works (RFC 3339); empty in states written before it
+    /// existed, which count from `started`.
+    #[serde(default)]
+    pub heartbeat: String,
     /// Set by the run when it is done. An unfinished state younger than the lease timeout
     /// means a GC is running: others refuse to start (one GC at a time).
     #[serde(default)]
