@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cairn_fuse::{CacheConfig, ChunkCache, MountOptions, PrefetchTrace};
 use clap::{Args, Subcommand};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Where the host-wide chunk cache lives and how big it may grow.
 #[derive(Args, Clone)]
@@ -34,7 +35,8 @@ pub struct MountArgs {
     /// Mounting again with the same directory resumes its uncommitted changes.
     #[arg(long, requires = "rw")]
     pub state_dir: Option<PathBuf>,
-    /// With --rw: commit the volume when the mount stops (unmount, Ctrl-C, SIGTERM).
+    /// With --rw: commit the volume when the mount stops (unmount, Ctrl-C, SIGTERM, SIGHUP,
+    /// SIGQUIT).
     #[arg(long, requires = "rw")]
     pub commit_on_unmount: bool,
     /// Let other users (sandbox users) in; permissions are still checked by the kernel.
@@ -87,11 +89,45 @@ pub enum CacheCommand {
     },
 }
 
+/// Signals that stop a mount daemon. Each one's default action would kill the daemon and
+/// leave a stale mount behind; handled, they unmount it cleanly (Ctrl-C is handled in main).
+pub struct StopSignals {
+    term: Signal,
+    hangup: Signal,
+    quit: Signal,
+}
+
+impl StopSignals {
+    /// Register before the mount appears: a supervisor may signal as soon as it sees it.
+    pub fn register() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    /// Wait for the next one; its name.
+    pub async fn recv(&mut self) -> &'static str {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
+            _ = self.quit.recv() => "SIGQUIT",
+        };
+        tracing::info!("{name}: unmounting");
+        name
+    }
+}
+
 pub fn open_cache(cache_root: &Path, args: &CacheArgs) -> Result<ChunkCache> {
+    Ok(ChunkCache::open(cache_config(cache_root, args))?)
+}
+
+fn cache_config(cache_root: &Path, args: &CacheArgs) -> CacheConfig {
     let mut cfg = CacheConfig::new(cache_root.join("chunks"));
     cfg.max_bytes = args.cache_max.as_u64();
     cfg.min_free_bytes = args.cache_min_free.as_u64();
-    Ok(ChunkCache::open(cfg)?)
+    cfg
 }
 
 /// The mount options a command line asks for.
@@ -123,8 +159,8 @@ pub async fn mount(
     cancel: &AtomicBool,
 ) -> Result<()> {
     // Before the mount appears: a supervisor may stop it as soon as it sees it, and an
-    // unhandled SIGTERM would kill the daemon with the mount left behind.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // unhandled SIGTERM (or SIGHUP, SIGQUIT) would kill the daemon with the mount left behind.
+    let mut signals = StopSignals::register()?;
     let cache = Arc::new(open_cache(cache_root, &args.cache)?);
     let (id, snap) = repo.resolve_snapshot(&args.snapshot).await?;
     let opts = mount_options(args);
@@ -138,7 +174,7 @@ pub async fn mount(
     );
     loop {
         tokio::select! {
-            _ = term.recv() => break,
+            _ = signals.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
                 if cancel.load(Ordering::SeqCst) || mounted.is_finished() {
                     break;
@@ -174,7 +210,7 @@ pub async fn mount(
 pub fn cache(cache_root: &Path, cmd: &CacheCommand, json: bool) -> Result<()> {
     match cmd {
         CacheCommand::Stats { cache } => {
-            let c = open_cache(cache_root, cache)?;
+            let c = ChunkCache::inspect(cache_config(cache_root, cache))?;
             let s = c.stats();
             if json {
                 crate::print_json(&s)?;

@@ -191,8 +191,9 @@ pub async fn mount_rw(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let name = &args.snapshot;
-    // Before the mount appears (see mount_cmd::mount): SIGTERM then always unmounts cleanly.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Before the mount appears (see mount_cmd::mount): SIGTERM, SIGHUP and SIGQUIT then
+    // always unmount cleanly.
+    let mut signals = crate::mount_cmd::StopSignals::register()?;
     let state_dir = args.state_dir.clone().unwrap_or_else(|| rw::default_state_dir(name));
     let cache = Arc::new(crate::mount_cmd::open_cache(cache_root, &args.cache)?);
     let repo = Arc::new(repo);
@@ -223,7 +224,7 @@ pub async fn mount_rw(
     let commits = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         tokio::select! {
-            _ = term.recv() => break,
+            _ = signals.recv() => break,
             conn = control.accept() => {
                 if let Ok((stream, _)) = conn {
                     // Its own task: a client that connects and says nothing must not hold up

@@ -8,11 +8,14 @@
 //! The byte cap is a hard bound on what the files occupy: space is reserved (record first,
 //! file second) before a file is written, and a chunk that cannot fit after evicting least
 //! recently used ones is simply not cached. A crash leaves at worst a record without a file,
-//! which the next read drops. Every hit is verified against its id before it is served.
+//! which the next read drops. Every hit is verified against its id before it is served. The
+//! cap is also enforced when the bookkeeping is taken over, so lowering it takes effect even
+//! on a mount that never inserts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -69,6 +72,9 @@ pub struct CacheStats {
 struct Entry {
     charge: u64,
     seq: u64,
+    /// Set once when the entry is created (from the same counter as `seq`, so unique): tells
+    /// a reader's stale view of an entry from a newer insert of the same chunk.
+    generation: u64,
     /// Space reserved, file being written: not servable, not evictable.
     pending: bool,
 }
@@ -79,6 +85,8 @@ struct Owned {
     /// Recency order: the smallest sequence number is the least recently used chunk.
     order: BTreeMap<u64, ChunkId>,
     used: u64,
+    /// Part of `used` reserved by files still being written, which cannot be evicted.
+    pending_bytes: u64,
     next_seq: u64,
     evictions: u64,
 }
@@ -87,14 +95,34 @@ pub struct ChunkCache {
     cfg: CacheConfig,
     owned: Mutex<Option<Owned>>,
     last_owner_try: Mutex<Instant>,
+    /// Whether the free-space floor was already reported as out of reach (warn once per episode).
+    floor_warned: AtomicBool,
+    /// Whether taking ownership trims to the cap: not for `cache stats`, whose (default) cap
+    /// may be smaller than the one the mounts use.
+    trim_on_open: bool,
 }
 
 impl ChunkCache {
     /// Open the cache, owning its bookkeeping if no other process does.
     pub fn open(cfg: CacheConfig) -> Result<ChunkCache, CacheError> {
+        Self::open_with(cfg, true)
+    }
+
+    /// Open only to look: nothing is evicted to fit `cfg`'s cap until something is inserted.
+    pub fn inspect(cfg: CacheConfig) -> Result<ChunkCache, CacheError> {
+        Self::open_with(cfg, false)
+    }
+
+    fn open_with(cfg: CacheConfig, trim_on_open: bool) -> Result<ChunkCache, CacheError> {
         let io = |e| CacheError::Io { dir: cfg.dir.clone(), source: e };
         std::fs::create_dir_all(cfg.dir.join("data")).map_err(io)?;
-        let cache = ChunkCache { owned: Mutex::new(None), last_owner_try: Mutex::new(Instant::now()), cfg };
+        let cache = ChunkCache {
+            owned: Mutex::new(None),
+            last_owner_try: Mutex::new(Instant::now()),
+            floor_warned: AtomicBool::new(false),
+            trim_on_open,
+            cfg,
+        };
         match cache.take_ownership() {
             Ok(owned) => *cache.owned.lock().expect("cache lock") = Some(owned),
             Err(CacheError::Busy(_)) => {
@@ -112,6 +140,11 @@ impl ChunkCache {
         &self.cfg.dir
     }
 
+    /// Whether this process owns the bookkeeping, i.e. whether what it inserts is kept.
+    pub fn is_owner(&self) -> bool {
+        self.owned.lock().expect("cache lock").is_some()
+    }
+
     fn take_ownership(&self) -> Result<Owned, CacheError> {
         let dir = self.cfg.dir.clone();
         let mut opts = rocksdb::Options::default();
@@ -127,8 +160,15 @@ impl ChunkCache {
         let tmp = self.cfg.dir.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| CacheError::Io { dir: dir.clone(), source: e })?;
-        let mut owned =
-            Owned { db, entries: HashMap::new(), order: BTreeMap::new(), used: 0, next_seq: 0, evictions: 0 };
+        let mut owned = Owned {
+            db,
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            used: 0,
+            pending_bytes: 0,
+            next_seq: 0,
+            evictions: 0,
+        };
         let mut records = Vec::new();
         for item in owned.db.iterator(rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(|e| CacheError::Db { dir: dir.clone(), source: e })?;
@@ -143,7 +183,24 @@ impl ChunkCache {
             owned.next_seq += 1;
             owned.used += charge;
             owned.order.insert(seq, id);
-            owned.entries.insert(id, Entry { charge, seq, pending: false });
+            owned.entries.insert(id, Entry { charge, seq, generation: seq, pending: false });
+        }
+        // The cap or floor may have been lowered since the records were written; a warm mount
+        // may never insert, so trimming cannot wait for the next insert.
+        let (before, chunks) = (owned.used, owned.entries.len());
+        if self.trim_on_open {
+            self.make_room(&mut owned, 0);
+        }
+        if owned.used < before {
+            tracing::info!(
+                "chunk cache {}: evicted {} chunks ({} bytes) to fit the cap of {} bytes and the \
+                 free-space floor of {} bytes",
+                dir.display(),
+                chunks - owned.entries.len(),
+                before - owned.used,
+                self.cfg.max_bytes,
+                self.cfg.min_free_bytes
+            );
         }
         Ok(owned)
     }
@@ -153,8 +210,10 @@ impl ChunkCache {
         self.cfg.dir.join("data").join(&hex[..2]).join(hex)
     }
 
-    /// A cached chunk, verified. A damaged or vanished file is dropped and reported as a miss.
+    /// A cached chunk, verified. A damaged or vanished file is dropped and reported as a miss;
+    /// a file that cannot be read for another reason (EIO, EMFILE, ...) is only a miss.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        // The generation of the entry this read is about, if this process owns the bookkeeping.
         let known = {
             let mut guard = self.owned.lock().expect("cache lock");
             match guard.as_mut() {
@@ -165,7 +224,7 @@ impl ChunkCache {
                         e.seq = o.next_seq;
                         o.next_seq += 1;
                         o.order.insert(e.seq, *id);
-                        Some(true)
+                        Some(e.generation)
                     }
                     None => return None,
                 },
@@ -174,18 +233,22 @@ impl ChunkCache {
         };
         let bytes = match std::fs::read(self.path_of(id)) {
             Ok(b) => b,
-            Err(_) => {
-                if known.is_some() {
-                    self.forget(id);
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(generation) = known {
+                    self.forget(id, generation, false);
                 }
+                return None;
+            }
+            Err(e) => {
+                // The file may be fine: keeping the record keeps it counted against the cap.
+                tracing::warn!("chunk cache: reading {id}: {e}");
                 return None;
             }
         };
         if ChunkId::of(&bytes) != *id {
             tracing::error!("chunk cache: {} is damaged on disk; dropping it", id);
-            if known.is_some() {
-                self.forget(id);
-                let _ = std::fs::remove_file(self.path_of(id));
+            if let Some(generation) = known {
+                self.forget(id, generation, true);
             }
             return None;
         }
@@ -213,11 +276,7 @@ impl ChunkCache {
         if o.entries.contains_key(id) {
             return;
         }
-        while o.used + charge > self.cfg.max_bytes && self.evict_one(o) {}
-        while self.free_bytes().saturating_sub(charge) < self.cfg.min_free_bytes && self.evict_one(o) {}
-        if o.used + charge > self.cfg.max_bytes
-            || self.free_bytes().saturating_sub(charge) < self.cfg.min_free_bytes
-        {
+        if !self.make_room(o, charge) {
             return;
         }
         // Record first: a crash after this leaves a record without a file, never a file
@@ -228,11 +287,14 @@ impl ChunkCache {
             return;
         }
         o.used += charge;
-        o.entries.insert(*id, Entry { charge, seq, pending: true });
+        o.pending_bytes += charge;
+        o.entries.insert(*id, Entry { charge, seq, generation: seq, pending: true });
         drop(guard);
         let written = self.write_file(id, bytes);
         let mut guard = self.owned.lock().expect("cache lock");
         let Some(o) = guard.as_mut() else { return };
+        // Nothing else removes or replaces a pending entry, so it is still ours.
+        o.pending_bytes = o.pending_bytes.saturating_sub(charge);
         match written {
             Ok(()) => {
                 if let Some(e) = o.entries.get_mut(id) {
@@ -250,39 +312,108 @@ impl ChunkCache {
         }
     }
 
+    /// Evict least recently used chunks until `charge` more bytes fit under the cap and above
+    /// the free-space floor; false if they cannot. Evicts nothing for the floor when emptying
+    /// the cache would not restore it (something else filled the disk): that would throw away
+    /// every warm chunk for nothing, one insert at a time, under the cache lock.
+    fn make_room(&self, o: &mut Owned, charge: u64) -> bool {
+        let max = self.cfg.max_bytes;
+        // Files being written cannot be evicted: if they alone leave no room, evict nothing.
+        if o.pending_bytes.saturating_add(charge) > max {
+            return false;
+        }
+        while o.used + charge > max && self.evict_one(o).is_some() {}
+        if o.used + charge > max {
+            return false;
+        }
+        let floor = self.cfg.min_free_bytes.saturating_add(charge);
+        let shortfall = floor.saturating_sub(self.free_bytes());
+        if shortfall == 0 {
+            self.floor_warned.store(false, Ordering::Relaxed);
+            return true;
+        }
+        let evictable = o.used.saturating_sub(o.pending_bytes);
+        if shortfall > evictable {
+            let (free, cached) = (floor - shortfall, evictable);
+            if !self.floor_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "chunk cache {}: {free} bytes free, below the floor of {} bytes, and the cache \
+                     holds only {cached}: not caching until space is freed",
+                    self.dir().display(),
+                    self.cfg.min_free_bytes
+                );
+            } else {
+                tracing::debug!("chunk cache: free space below the floor; not caching");
+            }
+            return false;
+        }
+        // Evict by charge, not until statvfs agrees: an unlinked file a reader still holds open
+        // frees nothing yet, and waiting for that here would evict far more than needed.
+        let mut freed = 0;
+        while freed < shortfall {
+            match self.evict_one(o) {
+                Some(c) => freed += c,
+                None => break,
+            }
+        }
+        self.free_bytes() >= floor
+    }
+
     fn write_file(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path_of(id);
         let parent = path.parent().expect("data/xx");
         std::fs::create_dir_all(parent)?;
-        let tmp = self.cfg.dir.join("tmp").join(format!("{}.{}", id.to_hex(), std::process::id()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let tmp_dir = self.cfg.dir.join("tmp");
+        let tmp = tmp_dir.join(format!("{}.{}", id.to_hex(), std::process::id()));
+        let mut f = match std::fs::File::create(&tmp) {
+            Ok(f) => f,
+            // tmp/ removed under a running owner: recreate it rather than fail every insert.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&tmp_dir)?;
+                std::fs::File::create(&tmp)?
+            }
+            Err(e) => return Err(e),
+        };
+        // A partial tmp file is counted nowhere, so it must not outlive a failure.
+        let written = f.write_all(bytes);
         drop(f);
-        std::fs::rename(&tmp, &path).inspect_err(|_| {
+        written.and_then(|()| std::fs::rename(&tmp, &path)).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
     }
 
-    fn evict_one(&self, o: &mut Owned) -> bool {
-        let Some((_, victim)) = o.order.pop_first() else { return false };
-        if let Some(e) = o.entries.remove(&victim) {
-            let _ = std::fs::remove_file(self.path_of(&victim));
-            let _ = o.db.delete(victim.0);
-            o.used -= e.charge;
-            o.evictions += 1;
-        }
-        true
+    /// Evict the least recently used chunk; the bytes it was charged, or `None` if there is
+    /// nothing left to evict.
+    fn evict_one(&self, o: &mut Owned) -> Option<u64> {
+        let (_, victim) = o.order.pop_first()?;
+        let Some(e) = o.entries.remove(&victim) else { return Some(0) };
+        let _ = std::fs::remove_file(self.path_of(&victim));
+        let _ = o.db.delete(victim.0);
+        o.used -= e.charge;
+        o.evictions += 1;
+        Some(e.charge)
     }
 
-    fn forget(&self, id: &ChunkId) {
-        if let Some(o) = self.owned.lock().expect("cache lock").as_mut() {
-            if o.entries.get(id).is_some_and(|e| e.pending) {
-                return;
-            }
-            if let Some(e) = o.entries.remove(id) {
-                o.order.remove(&e.seq);
-                o.used -= e.charge;
-                let _ = o.db.delete(id.0);
+    /// Drop the record of a chunk whose file is missing or damaged (`unlink`: remove the file
+    /// too, or it would occupy space nothing counts). Only if the record is still the one the
+    /// caller read: after an eviction and a re-insert the file is a new, good one. Under the
+    /// lock, so no insert can rename a new file in between.
+    fn forget(&self, id: &ChunkId, generation: u64, unlink: bool) {
+        let mut guard = self.owned.lock().expect("cache lock");
+        let Some(o) = guard.as_mut() else { return };
+        if !o.entries.get(id).is_some_and(|e| e.generation == generation && !e.pending) {
+            return;
+        }
+        if let Some(e) = o.entries.remove(id) {
+            o.order.remove(&e.seq);
+            o.used -= e.charge;
+            let _ = o.db.delete(id.0);
+            if unlink {
+                if let Err(err) = std::fs::remove_file(self.path_of(id)) {
+                    if err.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("chunk cache: removing damaged {id}: {err}");
+                    }
+                }
             }
         }
     }
@@ -328,9 +459,8 @@ impl ChunkCache {
         let mut guard = self.owned.lock().expect("cache lock");
         let Some(o) = guard.as_mut() else { return Err(CacheError::Busy(self.cfg.dir.clone())) };
         let mut freed = 0;
-        while let Some((_, id)) = o.order.first_key_value().map(|(s, id)| (*s, *id)) {
-            freed += o.entries.get(&id).map_or(0, |e| e.charge);
-            self.evict_one(o);
+        while let Some(charge) = self.evict_one(o) {
+            freed += charge;
         }
         o.evictions = 0;
         Ok(freed)
@@ -416,6 +546,125 @@ mod tests {
         assert_eq!(cache.get(&id), None);
         assert!(!cache.contains(&id));
         assert_eq!(cache.stats().used_bytes, 0);
+        assert!(!cache.path_of(&id).exists());
+    }
+
+    #[test]
+    fn lowered_cap_is_enforced_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let cache = ChunkCache::open(cfg.clone()).unwrap();
+        let chunks: Vec<_> = (0..40).map(|i| chunk(i, 20_000)).collect();
+        for (id, bytes) in &chunks {
+            cache.insert(id, bytes);
+        }
+        let full = cache.stats().used_bytes;
+        assert!(full > 256 << 10);
+        drop(cache);
+        cfg.max_bytes = 256 << 10;
+        // Looking (cache stats, whose default cap may be below the mounts') trims nothing.
+        let look = ChunkCache::inspect(cfg.clone()).unwrap();
+        assert_eq!(look.stats().used_bytes, full);
+        drop(look);
+        let cache = ChunkCache::open(cfg.clone()).unwrap();
+        let s = cache.stats();
+        assert!(s.used_bytes <= cfg.max_bytes, "{s:?}");
+        assert_eq!(s.used_bytes, disk_usage(&cfg.dir), "files left on disk that nothing counts");
+        // Oldest first: the first inserted are gone from disk, the last are kept.
+        assert!(!cache.path_of(&chunks[0].0).exists());
+        assert!(!cache.contains(&chunks[0].0));
+        let (last, last_bytes) = chunks.last().unwrap();
+        assert_eq!(cache.get(last).as_deref(), Some(&last_bytes[..]));
+    }
+
+    #[test]
+    fn damaged_file_is_removed_but_a_newer_insert_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache =
+            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
+                .unwrap();
+        let (id, bytes) = chunk(1, 5000);
+        cache.insert(&id, &bytes);
+        std::fs::write(cache.path_of(&id), b"not the chunk").unwrap();
+        assert_eq!(cache.get(&id), None);
+        assert!(!cache.path_of(&id).exists(), "damaged file left on disk, uncounted");
+        assert_eq!(disk_usage(dir.path()), 0);
+        // A reader that saw an older entry must not remove the file of a re-insert.
+        cache.insert(&id, &bytes);
+        let generation = |c: &ChunkCache| c.owned.lock().unwrap().as_ref().unwrap().entries[&id].generation;
+        let old = generation(&cache);
+        cache.clear().unwrap();
+        cache.insert(&id, &bytes);
+        assert_ne!(generation(&cache), old);
+        cache.forget(&id, old, true);
+        assert_eq!(cache.get(&id).as_deref(), Some(&bytes[..]));
+        assert_eq!(cache.stats().used_bytes, disk_usage(dir.path()));
+    }
+
+    #[test]
+    fn unreadable_file_is_a_miss_but_stays_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache =
+            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
+                .unwrap();
+        let (id, bytes) = chunk(1, 5000);
+        cache.insert(&id, &bytes);
+        let used = cache.stats().used_bytes;
+        // A directory in its place: reading fails with something other than "not found".
+        std::fs::remove_file(cache.path_of(&id)).unwrap();
+        std::fs::create_dir(cache.path_of(&id)).unwrap();
+        assert_eq!(cache.get(&id), None);
+        assert!(cache.contains(&id));
+        assert_eq!(cache.stats().used_bytes, used);
+        // Vanished: the record goes.
+        std::fs::remove_dir(cache.path_of(&id)).unwrap();
+        assert_eq!(cache.get(&id), None);
+        assert!(!cache.contains(&id));
+        assert_eq!(cache.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn failed_write_leaves_nothing_and_missing_tmp_is_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache =
+            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
+                .unwrap();
+        let tmp_entries = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+        // A non-empty directory where the file should go makes the rename fail.
+        let (id, bytes) = chunk(1, 5000);
+        std::fs::create_dir_all(cache.path_of(&id).join("x")).unwrap();
+        cache.insert(&id, &bytes);
+        assert!(!cache.contains(&id));
+        assert_eq!(cache.stats().used_bytes, 0);
+        assert_eq!(tmp_entries(), 0, "partial tmp file left behind");
+        std::fs::remove_dir_all(cache.path_of(&id)).unwrap();
+        std::fs::remove_dir_all(dir.path().join("tmp")).unwrap();
+        cache.insert(&id, &bytes);
+        assert_eq!(cache.get(&id).as_deref(), Some(&bytes[..]));
+        assert_eq!(tmp_entries(), 0);
+    }
+
+    #[test]
+    fn unreachable_free_space_floor_evicts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let cache = ChunkCache::open(cfg.clone()).unwrap();
+        let chunks: Vec<_> = (0..10).map(|i| chunk(i, 20_000)).collect();
+        for (id, bytes) in &chunks {
+            cache.insert(id, bytes);
+        }
+        let used = cache.stats().used_bytes;
+        drop(cache);
+        // No filesystem has this much free: emptying the cache could not reach the floor.
+        cfg.min_free_bytes = u64::MAX / 2;
+        let cache = ChunkCache::open(cfg).unwrap();
+        let (id, bytes) = chunk(100, 20_000);
+        cache.insert(&id, &bytes);
+        assert!(!cache.contains(&id));
+        let s = cache.stats();
+        assert_eq!((s.used_bytes, s.evictions), (used, 0), "{s:?}");
+        assert!(chunks.iter().all(|(id, _)| cache.contains(id)));
+        assert_eq!(disk_usage(dir.path()), used);
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //!
 //! On-demand reads have priority: background prefetch ([`Fetcher::prefetch`]) only starts a
 //! request while no on-demand fetch is in flight.
+//!
+//! Fetched chunks are written to the host cache in the background; at most
+//! [`CACHE_WRITE_BUDGET`] bytes may wait for that, and a batch that does not fit is served but
+//! not cached, so a bucket faster than the cache disk cannot pile them up in memory.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +37,8 @@ pub const MAX_GAP: u64 = 128 << 10;
 pub const AMPLIFY: u64 = 1 << 20;
 /// Pack tables (46 bytes per chunk) kept in memory for amplification.
 const TABLES: usize = 512;
+/// Fetched bytes that may wait in memory to be written to the host cache.
+pub const CACHE_WRITE_BUDGET: u64 = 256 << 20;
 
 pub type Chunk = Arc<Vec<u8>>;
 
@@ -82,6 +88,39 @@ impl MemCache {
     }
 }
 
+/// Bytes waiting to be written to the host cache, bounded.
+struct WriteBudget {
+    queued: AtomicU64,
+    max: u64,
+}
+
+/// Bytes taken from a [`WriteBudget`], given back when dropped (also if the writer panics).
+struct WriteReservation {
+    budget: Arc<WriteBudget>,
+    bytes: u64,
+}
+
+impl WriteBudget {
+    fn new(max: u64) -> Arc<WriteBudget> {
+        Arc::new(WriteBudget { queued: AtomicU64::new(0), max })
+    }
+
+    fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<WriteReservation> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                q.checked_add(bytes).filter(|&n| n <= self.max)
+            })
+            .ok()?;
+        Some(WriteReservation { budget: self.clone(), bytes })
+    }
+}
+
+impl Drop for WriteReservation {
+    fn drop(&mut self) {
+        self.budget.queued.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 /// Chunks a mount touched, first touch first.
 #[derive(Default)]
 pub struct TraceRecorder {
@@ -101,6 +140,7 @@ pub struct Fetcher {
     stats: Arc<MountStats>,
     trace: Mutex<Option<TraceRecorder>>,
     demand_active: AtomicUsize,
+    cache_writes: Arc<WriteBudget>,
 }
 
 impl Fetcher {
@@ -121,6 +161,7 @@ impl Fetcher {
             stats,
             trace: Mutex::new(record_trace.then(TraceRecorder::default)),
             demand_active: AtomicUsize::new(0),
+            cache_writes: WriteBudget::new(CACHE_WRITE_BUDGET),
         }
     }
 
@@ -376,16 +417,31 @@ impl Fetcher {
                 inflight.remove(id);
             }
         }
+        self.fill_cache(&out);
+        out
+    }
+
+    /// Write a batch's good chunks to the host cache in the background, if the bytes already
+    /// waiting for that leave room; otherwise skip it (it is only a cache) rather than hold it.
+    fn fill_cache(&self, batch: &BatchResult) {
+        let bytes: u64 = batch.values().filter_map(|r| r.as_ref().ok()).map(|c| c.len() as u64).sum();
+        if bytes == 0 {
+            return;
+        }
+        let Some(reservation) = self.cache_writes.try_reserve(bytes) else {
+            tracing::debug!("chunk cache writes are behind; not caching a batch of {bytes} bytes");
+            return;
+        };
         let cache = self.cache.clone();
-        let fill = out.clone();
+        let fill = batch.clone();
         tokio::task::spawn_blocking(move || {
+            let _reservation = reservation;
             for (id, r) in fill.iter() {
                 if let Ok(c) = r {
                     cache.insert(id, c);
                 }
             }
         });
-        out
     }
 
     /// Fetch `ids` into the host cache below on-demand reads in priority. Returns the bytes
@@ -619,6 +675,21 @@ mod tests {
         let runs = merge_ranges(vec![entry(0, big), entry(big as u64, big), entry(2 * big as u64, 1)]);
         assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
     }
+
+    #[test]
+    fn write_budget_refuses_past_its_max_and_frees_on_drop() {
+        let budget = WriteBudget::new(100);
+        let a = budget.try_reserve(60).unwrap();
+        assert!(budget.try_reserve(41).is_none());
+        let b = budget.try_reserve(40).unwrap();
+        assert!(budget.try_reserve(1).is_none());
+        assert!(budget.try_reserve(u64::MAX).is_none());
+        drop(a);
+        assert_eq!(budget.queued.load(Ordering::Relaxed), 40);
+        let _c = budget.try_reserve(60).unwrap();
+        drop(b);
+        assert_eq!(budget.queued.load(Ordering::Relaxed), 60);
+    }
 }
 
 #[cfg(test)]
@@ -636,19 +707,15 @@ mod fetch_tests {
     struct Quiet;
     impl PushProgress for Quiet {}
 
-    /// Many readers asking for one cold file at once cost one set of range reads, and every
-    /// chunk arrives verified.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_readers_of_a_cold_file_share_one_fetch() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
+    /// A repository holding one 3 MB file; its data and the ids of its chunks, in order.
+    async fn repo_with_file(tmp: &std::path::Path) -> (Arc<Repository>, Vec<u8>, Vec<ChunkId>) {
+        let src = tmp.join("src");
         std::fs::create_dir_all(&src).unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         std::fs::write(src.join("f"), &data).unwrap();
         let store = Arc::new(object_store::memory::InMemory::new());
-        let repo = Repository::init_on(store, "memory://t", Chunking::default(), &tmp.path().join("c"))
-            .await
-            .unwrap();
+        let repo =
+            Repository::init_on(store, "memory://t", Chunking::default(), &tmp.join("c")).await.unwrap();
         let opts = PushOptions {
             source: src,
             kind: Kind::Fs,
@@ -666,16 +733,48 @@ mod fetch_tests {
         let Content::Extents(extents) = content else { panic!("inline extents") };
         let ids: Vec<ChunkId> = extents.iter().filter_map(|e| e.chunk).collect();
         assert!(ids.len() > 10);
+        (Arc::new(repo), data, ids)
+    }
 
-        let repo = Arc::new(repo);
-        let cache = Arc::new(
-            ChunkCache::open(CacheConfig {
-                dir: tmp.path().join("cc"),
-                max_bytes: 64 << 20,
-                min_free_bytes: 0,
-            })
-            .unwrap(),
-        );
+    fn cache_in(dir: std::path::PathBuf) -> Arc<ChunkCache> {
+        Arc::new(ChunkCache::open(CacheConfig { dir, max_bytes: 64 << 20, min_free_bytes: 0 }).unwrap())
+    }
+
+    /// Cache writes wait within their budget: a full budget skips caching (the reader is still
+    /// served), and finished writes give their bytes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cache_writes_stay_within_their_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (repo, data, ids) = repo_with_file(tmp.path()).await;
+        let stats = Arc::new(MountStats::default());
+
+        let cache = cache_in(tmp.path().join("full"));
+        let mut fetcher = Fetcher::new(repo.clone(), cache.clone(), stats.clone(), 64 << 20, false);
+        fetcher.cache_writes = WriteBudget::new(0);
+        let fetcher = Arc::new(fetcher);
+        let chunks = fetcher.chunks(&ids, &[]).await.unwrap();
+        assert_eq!(chunks.iter().flat_map(|c| c.iter().copied()).collect::<Vec<u8>>(), data);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(cache.stats().chunks, 0, "cached past a full write budget");
+
+        let cache = cache_in(tmp.path().join("open"));
+        let fetcher = Arc::new(Fetcher::new(repo, cache.clone(), stats, 64 << 20, false));
+        fetcher.chunks(&ids, &[]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fetcher.cache_writes.queued.load(Ordering::Acquire) > 0 {
+            assert!(std::time::Instant::now() < deadline, "write budget never given back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(ids.iter().all(|id| cache.contains(id)));
+    }
+
+    /// Many readers asking for one cold file at once cost one set of range reads, and every
+    /// chunk arrives verified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_a_cold_file_share_one_fetch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (repo, data, ids) = repo_with_file(tmp.path()).await;
+        let cache = cache_in(tmp.path().join("cc"));
         let stats = Arc::new(MountStats::default());
         let fetcher = Arc::new(Fetcher::new(repo.clone(), cache, stats.clone(), 64 << 20, false));
         let gets_before = repo.requests().gets;

@@ -3,7 +3,8 @@
 //! Before the kernel sees the mount, only the snapshot root and its root directory are read:
 //! mount time does not depend on snapshot size. Afterwards, in the background and below
 //! on-demand reads in priority, the snapshot's metadata packs and (if one was recorded) its
-//! access trace are fetched into the host cache within a bandwidth budget.
+//! access trace are fetched into the host cache within a bandwidth budget, if this process
+//! owns that cache (another would only drop what it fetched).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -279,7 +280,7 @@ impl MountedSnapshot {
         tokio::spawn(async move {
             let started = Instant::now();
             let mut budget = Budget { rate: opts.prefetch_rate.max(1), started, spent: 0 };
-            if opts.prefetch_metadata && fetcher.cache().stats().owner {
+            if opts.prefetch_metadata && fetcher.cache().is_owner() {
                 for pack in meta_packs {
                     if stop.load(Ordering::SeqCst) {
                         return;
@@ -289,6 +290,13 @@ impl MountedSnapshot {
                         Err(e) => tracing::warn!("prefetching metadata pack {pack}: {e}"),
                     }
                 }
+            }
+            if !matches!(opts.prefetch, PrefetchTrace::Off) && !fetcher.cache().is_owner() {
+                // Only the owner keeps what it fetches: the trace would be downloaded and dropped.
+                return tracing::info!(
+                    "not prefetching the access trace: chunk cache {} is owned by another process",
+                    fetcher.cache().dir().display()
+                );
             }
             let ids = match load_trace(&fetcher, &opts.prefetch, &snapshot).await {
                 Ok(Some(ids)) => ids,
