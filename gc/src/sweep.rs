@@ -208,7 +208,7 @@ async fn repack(
             if !live.contains(&e.id) || copied.contains(&e.id) {
                 continue;
             }
-            let stored = &bytes[e.offset as usize..(e.offset as u64 + e.stored_len as u64) as usize];
+            let stored = &bytes[e.stored_range()];
             if let Err(err) = pack::open_chunk(&e, stored, &name) {
                 tracing::error!("not repacking {}: {err}", e.id);
                 continue;

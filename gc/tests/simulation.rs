@@ -291,8 +291,7 @@ fn check(store: &InMemory) -> Result<(), String> {
                 return Err(format!("chunk {id} is in no indexed pack that exists"));
             }
             let b = &pack_bytes[p];
-            pack::open_chunk(e, &b[e.offset as usize..(e.offset + e.stored_len) as usize], "pack")
-                .map_err(|e| e.to_string())
+            pack::open_chunk(e, &b[e.stored_range()], "pack").map_err(|e| e.to_string())
         };
         for (name, snap) in roots {
             let mut stack = vec![snap.root.clone()];

@@ -247,7 +247,7 @@ impl Repository {
             let (_, entries) = pack::decode_table_of(&bytes, &name)?;
             let mut chunks = Vec::with_capacity(entries.len());
             for e in entries {
-                let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                let stored = &bytes[e.stored_range()];
                 chunks.push((e.id, pack::open_chunk(&e, stored, &name)?));
             }
             Ok::<_, Error>(chunks)

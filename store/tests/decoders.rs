@@ -68,7 +68,7 @@ fn mutate(mut base: Vec<u8>, edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
 fn check_all(data: &[u8]) {
     if let Ok((_, entries)) = pack::decode_table_of(data, "t") {
         for e in entries {
-            let stored = &data[e.offset as usize..(e.offset + e.stored_len) as usize];
+            let stored = &data[e.stored_range()];
             let _ = pack::open_chunk(&e, stored, "t");
         }
     }
@@ -149,7 +149,7 @@ fn mutated_pack_never_yields_a_wrong_chunk() {
         bad[i] ^= 0x20;
         if let Ok((_, entries)) = pack::decode_table_of(&bad, "t") {
             for e in entries {
-                let stored = &bad[e.offset as usize..(e.offset + e.stored_len) as usize];
+                let stored = &bad[e.stored_range()];
                 if let Ok(chunk) = pack::open_chunk(&e, stored, "t") {
                     assert_eq!(
                         Id::of(&chunk),

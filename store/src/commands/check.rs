@@ -97,7 +97,7 @@ pub async fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                 match pack::decode_table_of(&bytes, &name) {
                     Ok((_, entries)) => {
                         for e in entries {
-                            let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                            let stored = &bytes[e.stored_range()];
                             if let Err(err) = pack::open_chunk(&e, stored, &name) {
                                 bad.push((Some(e.id), err.to_string()));
                             }

@@ -48,6 +48,14 @@ pub struct PackEntry {
     pub codec: Codec,
 }
 
+impl PackEntry {
+    /// Where the chunk's stored bytes lie in its pack; computed in u64, since a crafted
+    /// entry's offset + length can pass u32 (decoding checks it lies inside the pack).
+    pub fn stored_range(&self) -> std::ops::Range<usize> {
+        self.offset as usize..(self.offset as u64 + self.stored_len as u64) as usize
+    }
+}
+
 pub fn object_name(id: &PackId) -> String {
     let hex = id.to_hex();
     format!("packs/{}/{}", &hex[..2], hex)
@@ -300,7 +308,7 @@ mod tests {
         assert_eq!(kind, PackKind::Data);
         assert_eq!(entries, p.entries);
         for (i, e) in entries.iter().enumerate() {
-            let stored = &p.bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+            let stored = &p.bytes[e.stored_range()];
             assert_eq!(open_chunk(e, stored, "p").unwrap(), vec![i as u8; 1000 + i]);
         }
     }
@@ -316,7 +324,7 @@ mod tests {
         bad[t] ^= 1;
         assert!(decode_table_of(&bad, "p").is_err());
         let e = p.entries[2];
-        let mut stored = p.bytes[e.offset as usize..(e.offset + e.stored_len) as usize].to_vec();
+        let mut stored = p.bytes[e.stored_range()].to_vec();
         stored[5] ^= 0x40;
         assert!(open_chunk(&e, &stored, "p").is_err());
     }

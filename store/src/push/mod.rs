@@ -196,6 +196,7 @@ async fn push_under_lease(
         counts: Default::default(),
         meta_packs: Mutex::default(),
         condemned: lease.condemned(),
+        link_groups: Default::default(),
         cancel,
         progress,
         overlay: opts.overlay.as_ref().map(|base| overlay::Overlay {

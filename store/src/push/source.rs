@@ -2,7 +2,7 @@
 //! [`Node`], chunk and hash file data, and hand new chunks to the [`Packer`].
 
 use std::fs::{File, Metadata};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -82,6 +82,10 @@ pub struct Walker<'a> {
     pub progress: &'a dyn PushProgress,
     /// Set for an overlay commit (see [`super::overlay`]).
     pub overlay: Option<super::overlay::Overlay<'a>>,
+    /// Keys this push's hard-link groups. (dev, inode) alone repeats across pushes (inode
+    /// numbers are reused, devices look alike), and an overlay commit keeps the base's
+    /// groups beside new ones: two unrelated files would then share one group.
+    pub link_groups: std::collections::hash_map::RandomState,
 }
 
 pub(super) fn nanos(secs: i64, nsec: i64) -> i64 {
@@ -139,11 +143,8 @@ impl Walker<'_> {
                 NodeKind::Socket
             }
         };
-        let link_group = (!ft.is_dir() && meta.nlink() > 1).then(|| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (meta.dev(), meta.ino()).hash(&mut h);
-            h.finish()
-        });
+        let link_group =
+            (!ft.is_dir() && meta.nlink() > 1).then(|| self.link_groups.hash_one((meta.dev(), meta.ino())));
         Ok(Node {
             name,
             kind,
@@ -174,13 +175,22 @@ impl Walker<'_> {
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let nodes: Vec<Option<Node>> = entries
             .into_par_iter()
-            .map(|(name, child)| match std::fs::symlink_metadata(&child) {
-                Ok(meta) => self.node(&child, name, &meta).map(Some),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            .map(|(name, child)| {
+                let vanished = || {
                     tracing::warn!("{} vanished during the push; skipped", child.display());
                     Ok(None)
+                };
+                match std::fs::symlink_metadata(&child) {
+                    // Also gone later: opened, listed or its xattrs read after the lstat.
+                    Ok(meta) => match self.node(&child, name, &meta) {
+                        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                            vanished()
+                        }
+                        other => other.map(Some),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => vanished(),
+                    Err(e) => Err(Error::io(child, e)),
                 }
-                Err(e) => Err(Error::io(child, e)),
             })
             .collect::<Result<_>>()?;
         self.store_tree(nodes.into_iter().flatten().collect())
