@@ -78,9 +78,15 @@ pub fn decide(snaps: &[(Id, Snapshot)], policy: &Policy, now: SystemTime) -> Vec
     }
     let mut out = Vec::with_capacity(snaps.len());
     for (group, mut members) in groups {
-        // Newest first; ties broken by id so the result does not depend on input order.
-        members.sort_by(|a, b| b.1.time().cmp(&a.1.time()).then(b.0.cmp(&a.0)));
-        let newest = members.first().map(|s| s.1.time()).unwrap_or(now);
+        // Newest first; ties broken by id so the result does not depend on input order. A
+        // volume's versions are ordered by number: they come from hosts whose clocks differ.
+        let version =
+            |s: &Snapshot| s.tags.get(cairn_store::format::volume::VERSION_TAG)?.parse::<u64>().ok();
+        // (A total order even on odd input: a version-less member sorts below numbered ones.)
+        members.sort_by(|a, b| (version(&b.1), b.1.time(), b.0).cmp(&(version(&a.1), a.1.time(), a.0)));
+        // Measured from the newest snapshot (an offline host keeps its last ones), but never
+        // from a future that one host's fast clock made up: that would drop every real one.
+        let newest = members.iter().map(|s| s.1.time()).max().unwrap_or(now).min(now);
         let mut reasons: Vec<Vec<String>> = vec![Vec::new(); members.len()];
         if let Some(n) = policy.keep_last {
             for (i, r) in reasons.iter_mut().enumerate().take(n) {
@@ -205,6 +211,27 @@ mod tests {
             9,
             "two days back from the newest, not from now"
         );
+    }
+
+    #[test]
+    fn one_fast_clock_does_not_push_the_others_out() {
+        // A week of daily snapshots, then one from a host whose clock says next year.
+        let mut snaps: Vec<_> = (0..7).map(|i| snap("h", at(i as f64), None, &[])).collect();
+        snaps.push(snap("h", at(400.0), None, &[]));
+        let within = Policy { keep_within: Some(Duration::from_secs(3 * DAY)), ..Default::default() };
+        // Now is day 7: days 4-6 are within 3 days of it, and the future one is kept too.
+        assert_eq!(kept(&decide(&snaps, &within, at(7.0))), 4);
+    }
+
+    #[test]
+    fn a_volumes_versions_count_by_number_not_by_clock() {
+        use cairn_store::format::volume::{TAG, VERSION_TAG};
+        // Version 3 was committed by a host whose clock runs two days behind.
+        let v = |n: &str, day: f64| snap("h", at(day), None, &[(TAG, "v"), (VERSION_TAG, n)]);
+        let snaps = vec![v("1", 1.0), v("2", 2.0), v("3", 0.5)];
+        let d = decide(&snaps, &Policy { keep_last: Some(2), ..Default::default() }, at(3.0));
+        let keep: Vec<bool> = snaps.iter().map(|s| d.iter().find(|x| x.id == s.0).unwrap().keep).collect();
+        assert_eq!(keep, vec![false, true, true]);
     }
 
     #[test]
