@@ -161,6 +161,20 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// A restore holds a descriptor per directory on its way and per file in flight, and
+/// RocksDB up to 256: the usual soft limit of 1024 is too tight for wide trees. The hard
+/// limit is what the system allows this process anyway (as Go raises it for restic).
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// The error and its causes, each said once: errors of ours and of `object_store` end their
 /// message with their cause's, so `{:#}` said the same cause two or three times.
 fn describe(e: &anyhow::Error) -> String {
@@ -180,6 +194,7 @@ fn describe(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    raise_open_file_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -83,7 +83,7 @@ pub fn decide(snaps: &[(Id, Snapshot)], policy: &Policy, now: SystemTime) -> Vec
         let version =
             |s: &Snapshot| s.tags.get(cairn_store::format::volume::VERSION_TAG)?.parse::<u64>().ok();
         // (A total order even on odd input: a version-less member sorts below numbered ones.)
-        members.sort_by(|a, b| (version(&b.1), b.1.time(), b.0).cmp(&(version(&a.1), a.1.time(), a.0)));
+        members.sort_by_key(|s| std::cmp::Reverse((version(&s.1), s.1.time(), s.0)));
         // Measured from the newest snapshot (an offline host keeps its last ones), but never
         // from a future that one host's fast clock made up: that would drop every real one.
         let newest = members.iter().map(|s| s.1.time()).max().unwrap_or(now).min(now);

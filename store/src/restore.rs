@@ -4,7 +4,8 @@
 //! Safety: every entry is created by name relative to a directory descriptor we opened
 //! with `O_NOFOLLOW`, names were checked when their tree was decoded, and a file appears
 //! under its name only after all its chunks were verified and written — a damaged file is
-//! reported and never left looking good.
+//! reported and never left looking good. No multi-name path is ever resolved: hard links
+//! and directory metadata, applied at the end, reach their directory one name at a time.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -150,15 +151,15 @@ pub async fn restore(
     if cancel.load(Relaxed) {
         return Err(Error::Interrupted);
     }
+    let mut parents = Parents::new(&state.root).at(target)?;
     for (old, new) in links {
-        if let Err(e) = sys::link(state.root.as_raw_fd(), path_bytes(&old), &state.root, path_bytes(&new)) {
+        if let Err(e) = link_in(&mut parents, &old, &new) {
             state.fail(&new, format!("hard link to {}: {e}", old.display()));
         }
     }
     // Children first: a read-only directory can only be made so once it is filled.
     for (rel, node) in dirs.iter().rev() {
-        let name = if rel.as_os_str().is_empty() { b".".as_slice() } else { path_bytes(rel) };
-        if let Err(e) = apply_meta(&state, &state.root, name, node) {
+        if let Err(e) = dir_meta(&mut parents, rel, node, state.as_root) {
             state.fail(rel, e);
         }
     }
@@ -191,6 +192,68 @@ fn path_bytes(p: &Path) -> &[u8] {
     p.as_os_str().as_bytes()
 }
 
+/// Reaches the directory holding an end-phase path one name at a time with `O_NOFOLLOW`:
+/// whoever owns the target can swap a directory for a symlink while the restore runs, and
+/// a path resolved whole would follow it out of the target. Keeps the last directory
+/// reached, as consecutive entries often share it.
+struct Parents {
+    root: Arc<OwnedFd>,
+    last: Option<(Vec<u8>, Arc<OwnedFd>)>,
+}
+
+impl Parents {
+    fn new(root: &OwnedFd) -> std::io::Result<Parents> {
+        Ok(Parents { root: Arc::new(root.try_clone()?), last: None })
+    }
+
+    /// The directory holding `rel`, and `rel`'s last name.
+    fn of<'p>(&mut self, rel: &'p Path) -> std::io::Result<(Arc<OwnedFd>, &'p [u8])> {
+        let bytes = path_bytes(rel);
+        let (dir, name) = match bytes.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&bytes[..i], &bytes[i + 1..]),
+            None => (&[][..], bytes),
+        };
+        single_name(name)?;
+        if dir.is_empty() {
+            return Ok((self.root.clone(), name));
+        }
+        if let Some((last, fd)) = &self.last {
+            if last.as_slice() == dir {
+                return Ok((fd.clone(), name));
+            }
+        }
+        let mut fd = self.root.clone();
+        for segment in dir.split(|&b| b == b'/') {
+            single_name(segment)?;
+            fd = Arc::new(sys::open_subdir(&*fd, segment)?);
+        }
+        self.last = Some((dir.to_vec(), fd.clone()));
+        Ok((fd, name))
+    }
+}
+
+/// Names were checked when their tree was decoded; this keeps the `*at` calls honest anyway.
+fn single_name(name: &[u8]) -> std::io::Result<()> {
+    crate::format::tree::check_name(name)
+        .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
+}
+
+fn link_in(parents: &mut Parents, old: &Path, new: &Path) -> std::io::Result<()> {
+    let (old_dir, old_name) = parents.of(old)?;
+    let (new_dir, new_name) = parents.of(new)?;
+    sys::link(old_dir.as_raw_fd(), old_name, &*new_dir, new_name)
+}
+
+fn dir_meta(parents: &mut Parents, rel: &Path, node: &Node, as_root: bool) -> std::io::Result<()> {
+    let fd = if rel.as_os_str().is_empty() {
+        parents.root.clone()
+    } else {
+        let (dir, name) = parents.of(rel)?;
+        Arc::new(sys::open_subdir(&*dir, name)?)
+    };
+    apply_meta(as_root, &*fd, node, rel)
+}
+
 async fn walk(
     state: &State<'_>,
     root: &Node,
@@ -202,12 +265,24 @@ async fn walk(
 ) -> Result<()> {
     let mut groups: HashMap<u64, PathBuf> = HashMap::new();
     let root_fd = Arc::new(state.root.try_clone().at(".")?);
-    let mut stack = vec![(root_fd, PathBuf::new(), root.clone())];
-    while let Some((fd, rel, dir_node)) = stack.pop() {
+    // A directory is opened only when popped: opening all of a wide directory's
+    // subdirectories at once would run out of descriptors.
+    let mut stack: Vec<(Option<Arc<OwnedFd>>, PathBuf, Node)> = vec![(None, PathBuf::new(), root.clone())];
+    while let Some((parent, rel, dir_node)) = stack.pop() {
         if cancel.load(Relaxed) {
             return Err(Error::Interrupted);
         }
         let NodeKind::Dir { tree } = &dir_node.kind else { unreachable!("only directories are stacked") };
+        let fd = match parent {
+            None => root_fd.clone(),
+            Some(parent) => match make_dir(&*parent, &dir_node.name) {
+                Ok(fd) => Arc::new(fd),
+                Err(e) => {
+                    state.fail(&rel, e);
+                    continue;
+                }
+            },
+        };
         summary.dirs += 1;
         let nodes = match state.repo.read_dir(tree).await {
             Ok(n) => n,
@@ -220,10 +295,7 @@ async fn walk(
         for node in nodes {
             let child = rel.join(os(&node.name));
             if let NodeKind::Dir { .. } = node.kind {
-                match make_dir(&fd, &node.name) {
-                    Ok(sub) => stack.push((Arc::new(sub), child, node)),
-                    Err(e) => state.fail(&child, e),
-                }
+                stack.push((Some(fd.clone()), child, node));
                 continue;
             }
             let job = FileJob { dir: fd.clone(), name: node.name.clone(), rel: child, node };
@@ -268,7 +340,11 @@ fn remove_stale_temporaries(dir: &OwnedFd) -> std::io::Result<()> {
     for entry in listing {
         let name = entry?.file_name();
         if name.as_bytes().starts_with(TEMP_PREFIX) {
-            sys::unlink(dir, name.as_bytes(), false)?;
+            match sys::unlink(dir, name.as_bytes(), false) {
+                // Restore never makes a directory so named; it is not ours to remove.
+                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {}
+                r => r?,
+            }
         }
     }
     Ok(())
@@ -302,34 +378,77 @@ async fn place(
         return tx.send(job).await.map_err(|_| Error::Interrupted);
     }
     summary.others += 1;
-    let made = clear_name(&*job.dir, &job.name, false).and_then(|_| match &job.node.kind {
-        NodeKind::Symlink { target } => sys::symlink(target, &*job.dir, &job.name),
-        NodeKind::CharDevice { rdev } => sys::mknod(&*job.dir, &job.name, libc::S_IFCHR | 0o600, *rdev),
-        NodeKind::BlockDevice { rdev } => sys::mknod(&*job.dir, &job.name, libc::S_IFBLK | 0o600, *rdev),
-        NodeKind::Fifo => sys::mknod(&*job.dir, &job.name, libc::S_IFIFO | 0o600, 0),
-        NodeKind::Socket => sys::mknod(&*job.dir, &job.name, libc::S_IFSOCK | 0o600, 0),
-        NodeKind::Dir { .. } | NodeKind::File { .. } => unreachable!("handled by the caller"),
-    });
-    match made.and_then(|()| apply_meta(state, &*job.dir, &job.name, &job.node)) {
-        Ok(()) => {}
-        Err(e) => state.fail(&job.rel, e),
+    if let Err(e) = make_special(state.as_root, &job) {
+        state.fail(&job.rel, e);
     }
     Ok(())
 }
 
-/// Owner first (chown clears setuid bits and capabilities), then xattrs, mode, times.
-fn apply_meta(state: &State<'_>, dir: &impl AsRawFd, name: &[u8], node: &Node) -> std::io::Result<()> {
-    let symlink = matches!(node.kind, NodeKind::Symlink { .. });
-    if state.as_root {
+fn make_special(as_root: bool, job: &FileJob) -> std::io::Result<()> {
+    let (dir, name) = (&*job.dir, job.name.as_slice());
+    clear_name(dir, name, false)?;
+    let mknod =
+        |format: libc::mode_t, rdev: u64| sys::mknod(dir, name, format | 0o600, rdev).map(|()| format);
+    let format = match &job.node.kind {
+        NodeKind::Symlink { target } => {
+            sys::symlink(target, dir, name)?;
+            return apply_symlink_meta(as_root, dir, name, &job.node, &job.rel);
+        }
+        NodeKind::CharDevice { rdev } => mknod(libc::S_IFCHR, *rdev)?,
+        NodeKind::BlockDevice { rdev } => mknod(libc::S_IFBLK, *rdev)?,
+        NodeKind::Fifo => mknod(libc::S_IFIFO, 0)?,
+        NodeKind::Socket => mknod(libc::S_IFSOCK, 0)?,
+        NodeKind::Dir { .. } | NodeKind::File { .. } => unreachable!("handled by the caller"),
+    };
+    // By descriptor: a chmod by name would follow a symlink swapped in since the mknod.
+    let fd = sys::open_path(dir, name)?;
+    if sys::fstat(&fd)?.st_mode & libc::S_IFMT != format {
+        return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "replaced while being restored"));
+    }
+    apply_meta(as_root, &fd, &job.node, &job.rel)
+}
+
+/// Owner first (chown clears setuid bits and capabilities), then xattrs, mode, times; all
+/// through a descriptor of the object itself, so no name is resolved again.
+fn apply_meta(as_root: bool, fd: &impl AsRawFd, node: &Node, rel: &Path) -> std::io::Result<()> {
+    if as_root {
+        sys::fchown(fd, node.uid, node.gid)?;
+    }
+    set_xattrs(as_root, node, rel, |attr, value| sys::fset_xattr(fd, attr, value))?;
+    // After xattrs: a read-only mode would forbid setting them as a normal user.
+    sys::fchmod(fd, node.mode)?;
+    sys::fset_mtime(fd, node.mtime_ns)
+}
+
+/// A symlink cannot be opened to act on, so it is reached by its one name below `dir`,
+/// never followed. It has no mode of its own.
+fn apply_symlink_meta(
+    as_root: bool,
+    dir: &impl AsRawFd,
+    name: &[u8],
+    node: &Node,
+    rel: &Path,
+) -> std::io::Result<()> {
+    if as_root {
         sys::chown(dir, name, node.uid, node.gid)?;
     }
+    set_xattrs(as_root, node, rel, |attr, value| sys::set_xattr(dir, name, attr, value))?;
+    sys::set_mtime(dir, name, node.mtime_ns)
+}
+
+fn set_xattrs(
+    as_root: bool,
+    node: &Node,
+    rel: &Path,
+    set: impl Fn(&[u8], &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     for x in &node.xattrs {
-        if let Err(e) = sys::set_xattr(dir, name, &x.name, &x.value) {
+        if let Err(e) = set(&x.name, &x.value) {
             // Unprivileged restores cannot set trusted.* or security.*; say so, keep going.
-            if e.raw_os_error() == Some(libc::EPERM) && !state.as_root {
+            if e.raw_os_error() == Some(libc::EPERM) && !as_root {
                 tracing::warn!(
                     "{}: xattr {} not restored: {e}",
-                    String::from_utf8_lossy(name),
+                    rel.display(),
                     String::from_utf8_lossy(&x.name)
                 );
                 continue;
@@ -337,11 +456,7 @@ fn apply_meta(state: &State<'_>, dir: &impl AsRawFd, name: &[u8], node: &Node) -
             return Err(e);
         }
     }
-    // After xattrs: a read-only mode would forbid setting them as a normal user.
-    if !symlink {
-        sys::chmod(dir, name, node.mode)?;
-    }
-    sys::set_mtime(dir, name, node.mtime_ns)
+    Ok(())
 }
 
 /// Restore a batch of files: small ones in groups sharing one fetch, big ones alone.
@@ -466,15 +581,92 @@ async fn write_content(
         .await?;
     // Extending, not writing, the tail keeps trailing holes as holes.
     file.set_len(*size).at(&job.rel)?;
+    // Before the rename, on our own descriptor: after it the name could be anything.
+    // Nothing writes after this, so setuid bits and capabilities stay; rename keeps mtime.
+    apply_meta(state.as_root, &file, &job.node, &job.rel).at(&job.rel)?;
     drop(file);
     clear_name(&*job.dir, &job.name, false).at(&job.rel)?;
-    sys::rename(&*job.dir, tmp, &job.name).at(&job.rel)?;
-    apply_meta(state, &*job.dir, &job.name, &job.node).at(&job.rel)
+    sys::rename(&*job.dir, tmp, &job.name).at(&job.rel)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn dir_node(mode: u32, uid: u32) -> Node {
+        Node {
+            name: b"d".to_vec(),
+            kind: NodeKind::Dir { tree: ChunkId::of(b"tree") },
+            mode,
+            uid,
+            gid: uid,
+            mtime_ns: 1_000_000_000,
+            xattrs: vec![],
+            link_group: None,
+        }
+    }
+
+    #[test]
+    fn end_phases_do_not_follow_a_directory_swapped_for_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(outside.join("b")).unwrap();
+        std::fs::write(outside.join("x"), "secret").unwrap();
+        let target = tmp.path().join("target");
+        std::fs::create_dir_all(target.join("c")).unwrap();
+        std::fs::write(target.join("c/z"), "ours").unwrap();
+        // "a" was a directory of the restore; its owner swapped it for a link out.
+        std::os::unix::fs::symlink(&outside, target.join("a")).unwrap();
+        let before = |p: &str| std::fs::symlink_metadata(outside.join(p)).unwrap();
+        let (b_before, outside_before) = (before("b"), before(""));
+
+        let as_root = nix::unistd::geteuid().is_root();
+        let root = sys::open_dir(&target).unwrap();
+        let mut parents = Parents::new(&root).unwrap();
+        let node = dir_node(0o4700, 4242);
+        for rel in ["a/b", "a"] {
+            let got = dir_meta(&mut parents, Path::new(rel), &node, as_root);
+            assert!(got.is_err(), "{rel}: metadata applied through the symlink");
+        }
+        for (old, new) in [("a/x", "c/y"), ("c/z", "a/y"), ("c/z", "a/b/y")] {
+            let got = link_in(&mut parents, Path::new(old), Path::new(new));
+            assert!(got.is_err(), "{old} -> {new}: linked through the symlink");
+        }
+        for (path, was) in [("b", &b_before), ("", &outside_before)] {
+            let now = before(path);
+            assert_eq!(
+                (now.mode(), now.uid(), now.mtime()),
+                (was.mode(), was.uid(), was.mtime()),
+                "{path:?}"
+            );
+        }
+        assert!(!target.join("c/y").exists() && !outside.join("y").exists() && !outside.join("b/y").exists());
+
+        // Through real directories the same calls work (links first, as in a restore).
+        link_in(&mut parents, Path::new("c/z"), Path::new("c/w")).unwrap();
+        dir_meta(&mut parents, Path::new("c"), &node, as_root).unwrap();
+        let c = std::fs::metadata(target.join("c")).unwrap();
+        assert_eq!((c.mode() & 0o7777, c.mtime()), (0o4700, 1));
+        if as_root {
+            assert_eq!(c.uid(), 4242);
+        }
+        assert_eq!(
+            std::fs::metadata(target.join("c/w")).unwrap().ino(),
+            std::fs::metadata(target.join("c/z")).unwrap().ino()
+        );
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_but_a_directory_so_named_is_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stale = format!("{}0123", String::from_utf8_lossy(TEMP_PREFIX));
+        std::fs::write(tmp.path().join(&stale), "half a file").unwrap();
+        std::fs::create_dir(tmp.path().join(format!("{stale}-dir"))).unwrap();
+        remove_stale_temporaries(&sys::open_dir(tmp.path()).unwrap()).unwrap();
+        assert!(!tmp.path().join(&stale).exists());
+        assert!(tmp.path().join(format!("{stale}-dir")).is_dir());
+    }
 
     #[test]
     fn batches_cover_every_chunk_in_order_within_both_limits() {

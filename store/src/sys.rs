@@ -108,12 +108,6 @@ pub fn chown(dir: &impl AsRawFd, name: &[u8], uid: u32, gid: u32) -> io::Result<
     check(unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
 }
 
-pub fn chmod(dir: &impl AsRawFd, name: &[u8], mode: u32) -> io::Result<()> {
-    let c = cstr(name)?;
-    // SAFETY: valid descriptor and C string. (fchmodat cannot skip symlinks; never called on one.)
-    check(unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t, 0) })
-}
-
 pub fn set_mtime(dir: &impl AsRawFd, name: &[u8], mtime_ns: i64) -> io::Result<()> {
     let c = cstr(name)?;
     let t = libc::timespec {
@@ -133,4 +127,81 @@ pub fn set_xattr(dir: &impl AsRawFd, name: &[u8], attr: &[u8], value: &[u8]) -> 
     let (p, a) = (cstr(&full)?, cstr(attr)?);
     // SAFETY: valid C strings and a buffer of value.len() bytes.
     check(unsafe { libc::lsetxattr(p.as_ptr(), a.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}
+
+/// Open a name below `dir` for its metadata only, refusing to follow a symlink in its
+/// place: `O_PATH`, as opening a device or FIFO for reading can block or have effects.
+pub fn open_path(dir: &impl AsRawFd, name: &[u8]) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: as in open_dir.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+    check(fd)?;
+    // SAFETY: fd was just opened by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn fstat(fd: &impl AsRawFd) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: st is written by fstat on success; fstat accepts O_PATH descriptors.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded.
+    Ok(unsafe { st.assume_init() })
+}
+
+// The f* functions below act on an open object, never on a name. An O_PATH descriptor is
+// refused (EBADF) by fchmod, fsetxattr and futimens; for those, its /proc/self/fd link
+// reaches the same inode without resolving any name again.
+
+fn proc_link(fd: &impl AsRawFd) -> io::Result<CString> {
+    cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())
+}
+
+fn or_via_proc(
+    r: io::Result<()>,
+    fd: &impl AsRawFd,
+    f: impl FnOnce(&CString) -> io::Result<()>,
+) -> io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => f(&proc_link(fd)?),
+        r => r,
+    }
+}
+
+pub fn fchown(fd: &impl AsRawFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid descriptor and an empty C string; AT_EMPTY_PATH accepts O_PATH too.
+    check(unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) })
+}
+
+pub fn fchmod(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
+    let mode = mode as libc::mode_t;
+    // SAFETY: valid descriptor.
+    let r = check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) });
+    // SAFETY: valid C string.
+    or_via_proc(r, fd, |p| check(unsafe { libc::chmod(p.as_ptr(), mode) }))
+}
+
+fn times(mtime_ns: i64) -> [libc::timespec; 2] {
+    let t = libc::timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+    };
+    [t, t]
+}
+
+pub fn fset_mtime(fd: &impl AsRawFd, mtime_ns: i64) -> io::Result<()> {
+    let times = times(mtime_ns);
+    // SAFETY: valid descriptor and two timespecs.
+    let r = check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) });
+    // SAFETY: valid C string and two timespecs.
+    or_via_proc(r, fd, |p| check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }))
+}
+
+pub fn fset_xattr(fd: &impl AsRawFd, attr: &[u8], value: &[u8]) -> io::Result<()> {
+    let a = cstr(attr)?;
+    let (v, n) = (value.as_ptr().cast(), value.len());
+    // SAFETY: valid descriptor, C string and a buffer of value.len() bytes.
+    let r = check(unsafe { libc::fsetxattr(fd.as_raw_fd(), a.as_ptr(), v, n, 0) });
+    // SAFETY: valid C strings and the same buffer.
+    or_via_proc(r, fd, |p| check(unsafe { libc::setxattr(p.as_ptr(), a.as_ptr(), v, n, 0) }))
 }
