@@ -175,7 +175,7 @@ impl Walker<'_> {
                             child.display()
                         )));
                     }
-                    self.node(&child, child_name.clone(), &m)?
+                    self.node(&child, &child, child_name.clone(), &m)?
                 };
                 Ok(Some((child_name, Some(node))))
             })

@@ -1,11 +1,13 @@
 //! Reading the source: walk a directory tree in parallel (rayon), turn each entry into a
 //! [`Node`], chunk and hash file data, and hand new chunks to the [`Packer`].
 
+use std::ffi::OsStr;
 use std::fs::{File, Metadata};
 use std::hash::BuildHasher;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -102,19 +104,23 @@ impl Walker<'_> {
                 path.display()
             )));
         }
-        self.node(path, name, &meta)
+        self.node(path, path, name, &meta)
     }
 
     /// Push one file (a memory image); returns its node, named `name`.
     pub fn file(&self, path: &Path, name: Vec<u8>) -> Result<Node> {
-        let meta = std::fs::metadata(path).at(path)?;
+        // A symlink to the image is followed here, once, as the user named it.
+        let at = std::fs::canonicalize(path).at(path)?;
+        let meta = std::fs::symlink_metadata(&at).at(path)?;
         if !meta.is_file() {
             return Err(Error::Usage(format!("{} is not a regular file", path.display())));
         }
-        self.node(path, name, &meta)
+        self.node(path, &at, name, &meta)
     }
 
-    pub(super) fn node(&self, path: &Path, name: Vec<u8>, meta: &Metadata) -> Result<Node> {
+    /// The node of the entry `path` names, reached at `at` (see [`Anchored`]), whose lstat is
+    /// `meta`.
+    pub(super) fn node(&self, path: &Path, at: &Path, name: Vec<u8>, meta: &Metadata) -> Result<Node> {
         if self.cancel.load(Relaxed) {
             return Err(Error::Interrupted);
         }
@@ -122,17 +128,17 @@ impl Walker<'_> {
         use std::os::unix::fs::FileTypeExt;
         let kind = if ft.is_dir() {
             self.counts.dirs.fetch_add(1, Relaxed);
-            NodeKind::Dir { tree: self.tree(path)? }
+            NodeKind::Dir { tree: self.tree(path, at, meta)? }
         } else if ft.is_file() {
             self.counts.files.fetch_add(1, Relaxed);
-            let (size, content) = self.file_content(path, meta)?;
+            let (size, content) = self.file_content(path, at, meta)?;
             self.counts.bytes.fetch_add(size, Relaxed);
             self.progress.file_done(size);
             NodeKind::File { size, content }
         } else {
             self.counts.others.fetch_add(1, Relaxed);
             if ft.is_symlink() {
-                NodeKind::Symlink { target: std::fs::read_link(path).at(path)?.into_os_string().into_vec() }
+                NodeKind::Symlink { target: std::fs::read_link(at).at(path)?.into_os_string().into_vec() }
             } else if ft.is_char_device() {
                 NodeKind::CharDevice { rdev: meta.rdev() }
             } else if ft.is_block_device() {
@@ -152,7 +158,10 @@ impl Walker<'_> {
             uid: meta.uid(),
             gid: meta.gid(),
             mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-            xattrs: self.xattrs(path)?,
+            xattrs: self.xattrs(at).map_err(|e| match e {
+                Error::Io { source, .. } => Error::io(path, source),
+                e => e,
+            })?,
             link_group,
         })
     }
@@ -166,23 +175,26 @@ impl Walker<'_> {
         Ok(all)
     }
 
-    fn tree(&self, path: &Path) -> Result<Id> {
-        let mut entries: Vec<(Vec<u8>, std::path::PathBuf)> = std::fs::read_dir(path)
+    fn tree(&self, path: &Path, at: &Path, meta: &Metadata) -> Result<Id> {
+        let dir = Anchored::open(at, meta, libc::O_DIRECTORY).at(path)?;
+        let mut entries: Vec<Vec<u8>> = std::fs::read_dir(dir.at())
             .at(path)?
-            .map(|e| e.map(|e| (e.file_name().as_bytes().to_vec(), e.path())))
+            .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
             .collect::<std::io::Result<_>>()
             .at(path)?;
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable();
         let nodes: Vec<Option<Node>> = entries
             .into_par_iter()
-            .map(|(name, child)| {
+            .map(|name| {
+                let child = path.join(OsStr::from_bytes(&name));
+                let child_at = dir.at().join(OsStr::from_bytes(&name));
                 let vanished = || {
-                    tracing::warn!("{} vanished during the push; skipped", child.display());
+                    tracing::warn!("{} vanished or changed during the push; skipped", child.display());
                     Ok(None)
                 };
-                match std::fs::symlink_metadata(&child) {
+                match std::fs::symlink_metadata(&child_at) {
                     // Also gone later: opened, listed or its xattrs read after the lstat.
-                    Ok(meta) => match self.node(&child, name, &meta) {
+                    Ok(meta) => match self.node(&child, &child_at, name, &meta) {
                         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                             vanished()
                         }
@@ -220,7 +232,7 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn file_content(&self, path: &Path, meta: &Metadata) -> Result<(u64, Content)> {
+    fn file_content(&self, path: &Path, at: &Path, meta: &Metadata) -> Result<(u64, Content)> {
         let key = path.as_os_str().as_bytes();
         let ctime_ns = nanos(meta.ctime(), meta.ctime_nsec());
         let mtime_ns = nanos(meta.mtime(), meta.mtime_nsec());
@@ -238,7 +250,7 @@ impl Walker<'_> {
                 }
             }
         }
-        let file = File::open(path).at(path)?;
+        let file = File::from(Anchored::open(at, meta, 0).at(path)?.fd);
         let extents = self.chunk_file(&file, meta, path)?;
         let size = extents.iter().map(|e| e.len).sum();
         let data_chunks: Vec<Id> = extents.iter().filter_map(|e| e.chunk).collect();
@@ -556,6 +568,56 @@ pub(super) fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     Ok(out)
 }
 
+/// An entry opened without following a symlink and checked to be the inode its lstat saw.
+///
+/// The walk reaches every entry through its directory's descriptor
+/// (`/proc/self/fd/<dir>/<name>`), never by resolving the names above it again: whoever
+/// owns a pushed tree (a running sandbox) could otherwise swap a directory for a symlink
+/// between two steps and have the push read files outside the tree, or swap a file for a
+/// FIFO and hang it. What changed between the lstat and the open is skipped as vanished.
+pub(super) struct Anchored {
+    fd: std::os::fd::OwnedFd,
+    at: PathBuf,
+}
+
+impl Anchored {
+    pub(super) fn open(at: &Path, meta: &Metadata, flags: libc::c_int) -> std::io::Result<Anchored> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let changed = || std::io::Error::new(std::io::ErrorKind::NotFound, "changed while the push ran");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | flags)
+            .open(at)
+            .map_err(|e| match e.raw_os_error() {
+                // Now a symlink, a socket or a FIFO without a writer.
+                Some(libc::ELOOP) | Some(libc::ENXIO) | Some(libc::ENOTDIR) => changed(),
+                _ => e,
+            })?;
+        let now = file.metadata()?;
+        if now.dev() != meta.dev() || now.ino() != meta.ino() || now.file_type() != meta.file_type() {
+            return Err(changed());
+        }
+        let fd = std::os::fd::OwnedFd::from(file);
+        let at = if proc_fd_works() {
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        } else {
+            at.to_path_buf()
+        };
+        Ok(Anchored { fd, at })
+    }
+
+    /// Where the entry's children (or the entry itself) are reached.
+    pub(super) fn at(&self) -> &Path {
+        &self.at
+    }
+}
+
+/// Without /proc (rare outside a bare chroot) entries are reached by their names.
+fn proc_fd_works() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
 pub fn new_counts() -> Arc<Counts> {
     Arc::new(Counts::default())
 }
@@ -651,5 +713,54 @@ mod page_cut_tests {
             .map(|c| c.start + from..c.end + from)
             .collect();
         assert_eq!(&whole[part.len() - 1..], &rest[..]);
+    }
+}
+
+#[cfg(test)]
+mod anchored_tests {
+    use super::*;
+
+    fn is_changed(r: std::io::Result<Anchored>) -> bool {
+        matches!(r, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    }
+
+    #[test]
+    fn an_entry_swapped_after_its_lstat_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (d, outside) = (tmp.path().join("d"), tmp.path().join("outside"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let meta = std::fs::symlink_metadata(&d).unwrap();
+        std::fs::remove_dir(&d).unwrap();
+        std::os::unix::fs::symlink(&outside, &d).unwrap();
+        assert!(is_changed(Anchored::open(&d, &meta, libc::O_DIRECTORY)));
+
+        // A file turned FIFO: refused at once, not waited on for a writer.
+        let f = tmp.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let meta = std::fs::symlink_metadata(&f).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        nix::unistd::mkfifo(&f, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(is_changed(Anchored::open(&f, &meta, 0)));
+    }
+
+    #[test]
+    fn children_are_reached_through_their_directory_not_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (d, outside) = (tmp.path().join("d"), tmp.path().join("outside"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(d.join("x"), b"inside").unwrap();
+        std::fs::write(outside.join("x"), b"secret").unwrap();
+        let dir = Anchored::open(&d, &std::fs::symlink_metadata(&d).unwrap(), libc::O_DIRECTORY).unwrap();
+        // The tree's owner swaps the directory for a symlink while the push lists it.
+        std::fs::rename(&d, tmp.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, &d).unwrap();
+        let x = dir.at().join("x");
+        let meta = std::fs::symlink_metadata(&x).unwrap();
+        let file = File::from(Anchored::open(&x, &meta, 0).unwrap().fd);
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut &file, &mut got).unwrap();
+        assert_eq!(got, "inside");
     }
 }
