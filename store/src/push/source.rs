@@ -331,7 +331,15 @@ impl Walker<'_> {
             if start > pos {
                 push_extent(&mut extents, Extent { chunk: None, len: start - pos });
             }
-            self.chunk_range(file, start, end, &mut extents).at(path)?;
+            let reached = self.chunk_range(file, start, end, &mut extents).at(path)?;
+            if reached < end {
+                // Truncated while read: a hole keeps every later range at its own offset.
+                tracing::warn!(
+                    "{} shrank while it was read; its missing part is stored as a hole",
+                    path.display()
+                );
+                push_extent(&mut extents, Extent { chunk: None, len: end - reached });
+            }
             pos = end;
         }
         if size > pos {
@@ -340,9 +348,10 @@ impl Walker<'_> {
         Ok(extents)
     }
 
-    /// Chunk `start..end` of a file. Two buffers: while the chunks of one are hashed and
+    /// Chunk `start..end` of a file; returns where the data ended (before `end` if the file
+    /// was truncated meanwhile). Two buffers: while the chunks of one are hashed and
     /// compressed (in parallel), the next is read, so one big file keeps both cores busy.
-    fn chunk_range(&self, file: &File, start: u64, end: u64, out: &mut Vec<Extent>) -> std::io::Result<()> {
+    fn chunk_range(&self, file: &File, start: u64, end: u64, out: &mut Vec<Extent>) -> std::io::Result<u64> {
         let unit = match self.chunker {
             // A whole number of fixed chunks, so chunks stay on the grid.
             Chunker::Fixed { size } => (READ_BUF / size as usize).max(1) * size as usize,
@@ -365,7 +374,7 @@ impl Walker<'_> {
             let eof = pos >= end || got < want;
             let cuts = self.cuts(&cur[..filled], eof);
             if eof {
-                return self.chunk_all(&cur, cuts, out);
+                return self.chunk_all(&cur, cuts, out).map(|()| pos);
             }
             let consumed = cuts.last().map(|c| c.end).unwrap_or(0);
             if next.is_empty() {
@@ -762,5 +771,55 @@ mod anchored_tests {
         let mut got = String::new();
         std::io::Read::read_to_string(&mut &file, &mut got).unwrap();
         assert_eq!(got, "inside");
+    }
+}
+
+#[cfg(test)]
+mod shrink_tests {
+    use super::*;
+    use crate::format::config::Chunking;
+
+    /// A file truncated between its lstat and its read: what vanished is stored as a hole,
+    /// so the extents still cover the size the node records and any data planned after it
+    /// stays at its own offset.
+    #[test]
+    fn a_file_truncated_while_read_keeps_its_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(&tmp.path().join("cache"), "test").unwrap();
+        let (tx, mut rx) = super::super::packer::channel();
+        std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+        let packer = Packer::new(64 << 20, 3, Default::default(), tx);
+        let condemned = Default::default();
+        let cancel = AtomicBool::new(false);
+        let walker = Walker {
+            cache: &cache,
+            packer: &packer,
+            chunker: Chunker::fs(&Chunking::default()),
+            use_file_cache: false,
+            started_ns: 0,
+            counts: Default::default(),
+            meta_packs: Default::default(),
+            condemned: &condemned,
+            cancel: &cancel,
+            progress: &super::super::NoProgress,
+            overlay: None,
+            link_groups: Default::default(),
+        };
+        let path = tmp.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mib = 1u64 << 20;
+        file.write_all_at(&vec![1u8; 2 * mib as usize], 0).unwrap();
+        let meta = file.metadata().unwrap();
+        file.set_len(mib / 2).unwrap();
+        let extents = walker.chunk_file(&file, &meta, &path).unwrap();
+        assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), 2 * mib, "{extents:?}");
+        let data: u64 = extents.iter().filter(|e| e.chunk.is_some()).map(|e| e.len).sum();
+        assert_eq!(data, mib / 2);
     }
 }
