@@ -410,9 +410,18 @@ fn make_special(as_root: bool, job: &FileJob) -> std::io::Result<()> {
 
 /// Owner first (chown clears setuid bits and capabilities), then xattrs, mode, times; all
 /// through a descriptor of the object itself, so no name is resolved again.
+const INHERITED_ACLS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+
 fn apply_meta(as_root: bool, fd: &impl AsRawFd, node: &Node, rel: &Path) -> std::io::Result<()> {
     if as_root {
         sys::fchown(fd, node.uid, node.gid)?;
+    }
+    // A target directory with a default ACL hands it to everything made in it: the node's
+    // permissions are its mode and its own ACLs only.
+    for acl in INHERITED_ACLS {
+        if !node.xattrs.iter().any(|x| x.name == acl) {
+            sys::fremove_xattr(fd, acl)?;
+        }
     }
     set_xattrs(as_root, node, rel, |attr, value| sys::fset_xattr(fd, attr, value))?;
     // After xattrs: a read-only mode would forbid setting them as a normal user.

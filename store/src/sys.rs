@@ -197,6 +197,19 @@ pub fn fset_mtime(fd: &impl AsRawFd, mtime_ns: i64) -> io::Result<()> {
     or_via_proc(r, fd, |p| check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }))
 }
 
+/// Remove an extended attribute; one that is not there (or a filesystem without any) is
+/// not an error.
+pub fn fremove_xattr(fd: &impl AsRawFd, attr: &[u8]) -> io::Result<()> {
+    let a = cstr(attr)?;
+    // SAFETY: valid descriptor and C string.
+    let r = check(unsafe { libc::fremovexattr(fd.as_raw_fd(), a.as_ptr()) });
+    // SAFETY: valid C strings.
+    match or_via_proc(r, fd, |p| check(unsafe { libc::removexattr(p.as_ptr(), a.as_ptr()) })) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::EOPNOTSUPP)) => Ok(()),
+        r => r,
+    }
+}
+
 pub fn fset_xattr(fd: &impl AsRawFd, attr: &[u8], value: &[u8]) -> io::Result<()> {
     let a = cstr(attr)?;
     let (v, n) = (value.as_ptr().cast(), value.len());

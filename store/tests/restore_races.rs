@@ -128,3 +128,48 @@ async fn metadata_of_every_kind_survives_being_applied_by_descriptor() {
     std::fs::set_permissions(target.join("c"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(src.join("c"), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A default ACL of the target directory is inherited by everything created in it; the
+/// restored entries carry only the ACLs of their snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_acl_of_the_target_is_not_inherited() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("d/f"), b"x").unwrap();
+    let repo = repo_in(tmp.path()).await;
+    let snap = snapshot_of(&repo, &src).await;
+    let target = tmp.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    // user::rwx group::r-x group:1234:rwx mask::rwx other::r-x, as setfacl -d writes it.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in
+        [(1u16, 7u16, u32::MAX), (4, 5, u32::MAX), (8, 7, 1234), (0x10, 7, u32::MAX), (0x20, 5, u32::MAX)]
+    {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    match xattr::set(&target, "system.posix_acl_default", &acl) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            eprintln!("skipped: no POSIX ACLs on this file system");
+            return;
+        }
+        Err(e) => panic!("setting a default ACL: {e}"),
+    }
+    // Made in the target, a directory does inherit it: the case the restore must undo.
+    std::fs::create_dir(target.join("probe")).unwrap();
+    assert!(xattr::get(target.join("probe"), "system.posix_acl_default").unwrap().is_some());
+    std::fs::remove_dir(target.join("probe")).unwrap();
+
+    restore_into(&repo, &snap, &target.join("out")).await.unwrap();
+    for p in ["out", "out/d", "out/d/f"] {
+        for acl in ["system.posix_acl_access", "system.posix_acl_default"] {
+            assert_eq!(xattr::get(target.join(p), acl).unwrap(), None, "{p} has {acl}");
+        }
+    }
+    let mode = std::fs::metadata(target.join("out/d/f")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, std::fs::metadata(src.join("d/f")).unwrap().permissions().mode() & 0o7777);
+}
