@@ -3,7 +3,9 @@
 //! Chunks are plain files named by their BLAKE3 under `data/xx/`, so any process can read
 //! them; bookkeeping (charge and recency of each chunk) lives in RocksDB and in memory. One
 //! process at a time owns the bookkeeping and fills and evicts; others on the host read the
-//! files it wrote and keep asking to become the owner (RocksDB allows one writer).
+//! files it wrote and keep asking to become the owner (RocksDB allows one writer). Ownership
+//! is an advisory lock on `owner.lock`, held for as long as the process owns the cache; the
+//! owner rebuilds bookkeeping it cannot open or read, since the cache holds only copies.
 //!
 //! The byte cap is a hard bound on what the files occupy: space is reserved (record first,
 //! file second) before a file is written, and a chunk that cannot fit after evicting least
@@ -13,6 +15,7 @@
 //! on a mount that never inserts.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +23,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cairn_store::ChunkId;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use rocksdb::DB;
 use serde::Serialize;
 
@@ -79,6 +84,9 @@ struct Entry {
     pending: bool,
 }
 
+/// A stored record: chunk, charge, recency.
+type Record = (ChunkId, u64, u64);
+
 struct Owned {
     db: DB,
     entries: HashMap<ChunkId, Entry>,
@@ -89,6 +97,9 @@ struct Owned {
     pending_bytes: u64,
     next_seq: u64,
     evictions: u64,
+    /// Ownership itself. Last, so dropped after `db`: whoever takes the lock next finds
+    /// RocksDB closed.
+    _lock: Flock<File>,
 }
 
 pub struct ChunkCache {
@@ -147,14 +158,19 @@ impl ChunkCache {
 
     fn take_ownership(&self) -> Result<Owned, CacheError> {
         let dir = self.cfg.dir.clone();
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.set_keep_log_file_num(2);
-        opts.set_write_buffer_size(4 << 20);
-        let db = match DB::open(&opts, dir.join("db")) {
-            Ok(db) => db,
-            Err(e) if e.to_string().to_lowercase().contains("lock") => return Err(CacheError::Busy(dir)),
-            Err(e) => return Err(CacheError::Db { dir, source: e }),
+        let lock = self.lock_owner()?;
+        let (db, mut records) = match self.open_db() {
+            Ok(opened) => opened,
+            // An older cairn that owns the cache by RocksDB's lock alone: not ours to rebuild.
+            Err(_) if rocksdb_locked_elsewhere(&dir.join("db").join("LOCK")) => {
+                return Err(CacheError::Busy(dir));
+            }
+            Err(e) => {
+                // We own it and it holds only copies: start afresh rather than fail the mount.
+                tracing::warn!("{e}; rebuilding the chunk cache (its chunks are dropped)");
+                self.wipe()?;
+                self.open_db()?
+            }
         };
         // Half-written files of a crashed owner: never accounted, so never kept.
         let tmp = self.cfg.dir.join("tmp");
@@ -168,14 +184,8 @@ impl ChunkCache {
             pending_bytes: 0,
             next_seq: 0,
             evictions: 0,
+            _lock: lock,
         };
-        let mut records = Vec::new();
-        for item in owned.db.iterator(rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| CacheError::Db { dir: dir.clone(), source: e })?;
-            if let (Ok(id), Some((charge, seq))) = (<[u8; 32]>::try_from(&k[..]), decode_record(&v)) {
-                records.push((cairn_store::Id(id), charge, seq));
-            }
-        }
         records.sort_by_key(|r| r.2);
         for (id, charge, _) in records {
             // Renumber densely so sequence numbers stay small and unique.
@@ -203,6 +213,54 @@ impl ChunkCache {
             );
         }
         Ok(owned)
+    }
+
+    /// The owner's lock, or `Busy` if another `ChunkCache` (in any process) holds it.
+    fn lock_owner(&self) -> Result<Flock<File>, CacheError> {
+        let io = |e| CacheError::Io { dir: self.cfg.dir.clone(), source: e };
+        let path = self.cfg.dir.join("owner.lock");
+        let file = match File::options().read(true).write(true).create(true).truncate(false).open(&path) {
+            Ok(f) => f,
+            // Made by another user: flock needs no write access.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => File::open(&path).map_err(io)?,
+            Err(e) => return Err(io(e)),
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(lock),
+            Err((_, Errno::EWOULDBLOCK)) => Err(CacheError::Busy(self.cfg.dir.clone())),
+            Err((_, errno)) => Err(io(errno.into())),
+        }
+    }
+
+    /// Open the bookkeeping and read its records `(id, charge, seq)`.
+    fn open_db(&self) -> Result<(DB, Vec<Record>), CacheError> {
+        let db_err = |e| CacheError::Db { dir: self.cfg.dir.clone(), source: e };
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_keep_log_file_num(2);
+        opts.set_write_buffer_size(4 << 20);
+        let db = DB::open(&opts, self.cfg.dir.join("db")).map_err(db_err)?;
+        let mut records = Vec::new();
+        for item in db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            if let (Ok(id), Some((charge, seq))) = (<[u8; 32]>::try_from(&k[..]), decode_record(&v)) {
+                records.push((cairn_store::Id(id), charge, seq));
+            }
+        }
+        Ok((db, records))
+    }
+
+    /// Remove the bookkeeping and the files together (files no record counts would escape
+    /// the cap). Only while holding the owner's lock, with the DB closed.
+    fn wipe(&self) -> Result<(), CacheError> {
+        let io = |e| CacheError::Io { dir: self.cfg.dir.clone(), source: e };
+        for sub in ["db", "data"] {
+            match std::fs::remove_dir_all(self.cfg.dir.join(sub)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
+        }
+        std::fs::create_dir_all(self.cfg.dir.join("data")).map_err(io)
     }
 
     fn path_of(&self, id: &ChunkId) -> PathBuf {
@@ -467,6 +525,20 @@ impl ChunkCache {
     }
 }
 
+/// Whether another process holds RocksDB's own lock (a POSIX record lock) on `lock`.
+fn rocksdb_locked_elsewhere(lock: &Path) -> bool {
+    let Ok(file) = File::open(lock) else { return false };
+    let mut probe = libc::flock {
+        l_type: libc::F_WRLCK as _,
+        l_whence: libc::SEEK_SET as _,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).is_ok()
+        && probe.l_type != libc::F_UNLCK as libc::c_short
+}
+
 fn encode_record(charge: u64, seq: u64) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&charge.to_le_bytes());
@@ -681,5 +753,51 @@ mod tests {
         reader.insert(&id2, &bytes2);
         assert!(!owner.contains(&id2));
         assert!(matches!(reader.clear(), Err(CacheError::Busy(_))));
+    }
+
+    #[test]
+    fn ownership_passes_on_when_the_owner_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let owner = ChunkCache::open(cfg.clone()).unwrap();
+        assert!(owner.is_owner());
+        let (id, bytes) = chunk(1, 5000);
+        owner.insert(&id, &bytes);
+        let reader = ChunkCache::open(cfg.clone()).unwrap();
+        assert!(!reader.is_owner());
+        assert!(matches!(reader.take_ownership(), Err(CacheError::Busy(_))));
+        drop(owner);
+        // The next insert after the retry interval takes over, records and all.
+        *reader.last_owner_try.lock().unwrap() = Instant::now().checked_sub(OWNER_RETRY).unwrap();
+        let (id2, bytes2) = chunk(2, 5000);
+        reader.insert(&id2, &bytes2);
+        assert!(reader.is_owner());
+        assert!(reader.contains(&id) && reader.contains(&id2));
+        assert_eq!(reader.stats().used_bytes, disk_usage(dir.path()));
+        // Dropping ownership releases the lock for the next process.
+        drop(reader);
+        assert!(ChunkCache::open(cfg).unwrap().is_owner());
+    }
+
+    #[test]
+    fn unreadable_bookkeeping_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let cache = ChunkCache::open(cfg.clone()).unwrap();
+        let (id, bytes) = chunk(1, 5000);
+        cache.insert(&id, &bytes);
+        drop(cache);
+        std::fs::write(dir.path().join("db").join("CURRENT"), b"\0\x01junk").unwrap();
+        let cache = ChunkCache::open(cfg.clone()).unwrap();
+        assert!(cache.is_owner());
+        // The old files went with their records: nothing escapes the cap uncounted.
+        assert!(!cache.contains(&id));
+        assert_eq!(disk_usage(dir.path()), 0);
+        cache.insert(&id, &bytes);
+        assert_eq!(cache.get(&id).as_deref(), Some(&bytes[..]));
+        drop(cache);
+        let cache = ChunkCache::open(cfg).unwrap();
+        assert_eq!(cache.get(&id).as_deref(), Some(&bytes[..]));
+        assert_eq!(cache.stats().used_bytes, disk_usage(dir.path()));
     }
 }

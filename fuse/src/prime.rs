@@ -32,6 +32,10 @@ const DIRS: usize = 1024;
 /// Bytes of small files remembered and pushed per directory at most, so a huge directory
 /// neither floods the page cache nor grows the daemon.
 const PER_DIR: u64 = 64 << 20;
+/// Files remembered per directory at most: tiny files would leave `PER_DIR` far off.
+const PER_DIR_FILES: usize = 4096;
+/// Listings queued at most; the oldest go first (a walk has moved on from them).
+const QUEUED: usize = 64;
 /// A listing within this long of a file's first read is primed at once.
 const READING_NOW: Duration = Duration::from_secs(1);
 /// Files left to a reader found level with the worker (see `prime_listing`).
@@ -129,7 +133,7 @@ impl Primer {
     }
 
     /// Note the files `(inode, size)` of directory `dir` that a listing reply just carried.
-    pub fn listed(&self, dir: u64, files: Vec<(u64, u64)>) {
+    pub fn listed(&self, dir: u64, mut files: Vec<(u64, u64)>) {
         if files.is_empty() {
             return;
         }
@@ -142,13 +146,17 @@ impl Primer {
         }
         match s.dirs.get_or_insert_mut(dir, || DirState::Listed(Vec::new(), 0)) {
             DirState::Reading => {
+                files.truncate(PER_DIR_FILES);
                 s.queue(Listing { dir, files, budget: PER_DIR });
                 drop(s);
                 self.wake.notify_one();
             }
             DirState::Listed(waiting, bytes) => {
                 for (ino, size) in files {
-                    if *bytes + size <= PER_DIR {
+                    if waiting.len() >= PER_DIR_FILES {
+                        break;
+                    }
+                    if bytes.saturating_add(size) <= PER_DIR {
                         *bytes += size;
                         waiting.push((ino, size));
                     }
@@ -198,6 +206,7 @@ impl Primer {
         }
         let at = s.stack.len() - 1;
         s.stack.insert(at, rest());
+        s.trim();
         true
     }
 }
@@ -206,6 +215,13 @@ impl State {
     fn queue(&mut self, listing: Listing) {
         self.stack.push(listing);
         self.queued += 1;
+        self.trim();
+    }
+
+    /// Drop the oldest listings beyond `QUEUED`.
+    fn trim(&mut self) {
+        let excess = self.stack.len().saturating_sub(QUEUED);
+        self.stack.drain(..excess);
     }
 }
 
@@ -261,5 +277,58 @@ fn prime_listing(inner: &Arc<Inner>, mut listing: Listing, seen: u64) {
         if more && inner.primer.leave(seen, rest) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn started() -> Primer {
+        let p = Primer::new(1 << 20);
+        p.lock().started = true;
+        p
+    }
+
+    #[test]
+    fn a_directory_of_tiny_files_is_capped_by_count() {
+        let p = started();
+        p.listed(1, (0..3 * PER_DIR_FILES as u64).map(|i| (i + 10, 1)).collect());
+        p.listed(1, vec![(1 << 40, 1)]);
+        match p.lock().dirs.peek(&1) {
+            Some(DirState::Listed(files, _)) => assert_eq!(files.len(), PER_DIR_FILES),
+            _ => panic!("directory not listed"),
+        }
+        p.reading_in(1);
+        let s = p.lock();
+        assert_eq!(s.stack.len(), 1);
+        assert_eq!(s.stack[0].files.len(), PER_DIR_FILES);
+        // Listing order is kept: the first files are the ones remembered.
+        assert_eq!(s.stack[0].files[0].0, 10);
+    }
+
+    #[test]
+    fn the_queue_keeps_only_the_newest_listings() {
+        let p = started();
+        p.listed(1, vec![(2, 1)]);
+        p.reading_in(1);
+        // Reading now: every listing is queued at once, each reply capped by count too.
+        for dir in 100..100 + 3 * QUEUED as u64 {
+            p.listed(dir, (0..2 * PER_DIR_FILES as u64).map(|i| (dir * 1_000_000 + i, 1)).collect());
+        }
+        let seen = {
+            let s = p.lock();
+            assert_eq!(s.stack.len(), QUEUED);
+            assert!(s.stack.iter().all(|l| l.files.len() <= PER_DIR_FILES));
+            assert_eq!(s.stack.first().map(|l| l.dir), Some(100 + 2 * QUEUED as u64));
+            assert_eq!(s.stack.last().map(|l| l.dir), Some(99 + 3 * QUEUED as u64));
+            s.queued
+        };
+        // A worker leaving a listing for a newer one puts the rest back within the cap.
+        assert!(p.leave(seen - 1, || Listing { dir: 7, files: vec![(8, 1)], budget: PER_DIR }));
+        let s = p.lock();
+        assert_eq!(s.stack.len(), QUEUED);
+        assert_eq!(s.stack[QUEUED - 2].dir, 7);
+        assert_eq!(s.stack.last().map(|l| l.dir), Some(99 + 3 * QUEUED as u64));
     }
 }
