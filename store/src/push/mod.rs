@@ -19,8 +19,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::RequestStats;
 use crate::error::{Error, Result};
-use crate::format::index::{self, IndexSegment, MAX_CHUNKS_PER_SEGMENT};
-use crate::format::pack::PackKind;
 use crate::format::snapshot::{self, Kind, Snapshot, SnapshotStats};
 use crate::id::Id;
 use crate::lease::WriterLease;
@@ -181,10 +179,12 @@ async fn push_under_lease(
     };
     let name = source.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_else(|| b"root".to_vec());
     let (tx, rx) = packer::channel();
-    let uploads = tokio::spawn(packer::upload_all(repo.store().clone(), rx));
+    let uploaded = packer::Uploaded::default();
+    let uploads = tokio::spawn(packer::upload_all(repo.store().clone(), rx, uploaded.clone()));
     let config = repo.config();
     let packer =
-        packer::Packer::new(config.pack_size as usize, config.zstd_level, lease.condemned().clone(), tx);
+        packer::Packer::new(config.pack_size as usize, config.zstd_level, lease.condemned().clone(), tx)
+            .indexing(repo, uploaded.clone());
     let started_ns =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
     let walker = Walker {
@@ -216,33 +216,19 @@ async fn push_under_lease(
         Ok::<_, Error>(root)
     });
     let Walker { counts: c, meta_packs, .. } = walker;
-    drop(packer); // closes the upload queue
-    let uploaded = uploads.await.map_err(|e| Error::Usage(format!("upload task: {e}")))?;
+    let mut indexed = packer.into_indexed(); // also closes the upload queue
+    let finished = uploads.await.map_err(|e| Error::Usage(format!("upload task: {e}")))?;
     // An upload failure (a full disk, a bucket error) stops the walk with "pack upload
     // stopped"; report the cause, not that symptom.
-    let packs = uploaded?;
+    finished?;
     let root = walked?;
 
     // Commit, in order: index segments (packs are all stored), then the snapshot root.
+    let rest = std::mem::take(&mut *uploaded.lock().expect("uploaded lock"));
+    indexed.add(packer::index_packs(repo, rest).await?);
     let mut meta_packs = meta_packs.into_inner().expect("meta lock");
-    meta_packs.extend(packs.iter().filter(|p| p.kind == PackKind::Meta).map(|p| p.id));
-    let stored_bytes: u64 = packs.iter().map(|p| p.len).sum();
-    let mut segment = IndexSegment::default();
-    let mut segments = Vec::new();
-    for p in &packs {
-        if segment.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !segment.packs.is_empty() {
-            segments.push(std::mem::take(&mut segment));
-        }
-        segment.packs.push(p.clone());
-    }
-    if !segment.packs.is_empty() {
-        segments.push(segment);
-    }
-    for seg in &segments {
-        let (id, bytes) = seg.encode();
-        repo.put(&index::object_name(&id), bytes).await?;
-        repo.cache().ingest(&id, seg.packs.iter().map(Ok))?;
-    }
+    meta_packs.extend(indexed.meta_packs);
+    let stored_bytes = indexed.stored_bytes;
     let stats = SnapshotStats {
         files: c.files.load(Relaxed),
         dirs: c.dirs.load(Relaxed),
@@ -285,7 +271,7 @@ async fn push_under_lease(
         parent,
         stats,
         files_unchanged: c.files_unchanged.load(Relaxed),
-        packs: packs.len(),
+        packs: indexed.packs,
         requests: repo.requests().since(&requests_before),
         seconds: started.elapsed().as_secs_f64(),
     })

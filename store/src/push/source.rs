@@ -70,7 +70,7 @@ pub struct Counts {
 
 pub struct Walker<'a> {
     pub cache: &'a LocalCache,
-    pub packer: &'a Packer,
+    pub packer: &'a Packer<'a>,
     pub chunker: Chunker,
     /// Reuse unchanged files from the change cache (only when there is a parent).
     pub use_file_cache: bool,
