@@ -93,8 +93,18 @@ pub enum CacheCommand {
 /// leave a stale mount behind; handled, they unmount it cleanly (Ctrl-C is handled in main).
 pub struct StopSignals {
     term: Signal,
-    hangup: Signal,
+    /// None when started ignoring SIGHUP (`nohup`): it asked to outlive its terminal.
+    hangup: Option<Signal>,
     quit: Signal,
+}
+
+/// Whether the process started with SIGHUP ignored.
+fn hangup_ignored() -> bool {
+    // SAFETY: reads the current action into a zeroed struct; changes nothing.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 impl StopSignals {
@@ -102,7 +112,7 @@ impl StopSignals {
     pub fn register() -> std::io::Result<StopSignals> {
         Ok(StopSignals {
             term: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
+            hangup: if hangup_ignored() { None } else { Some(signal(SignalKind::hangup())?) },
             quit: signal(SignalKind::quit())?,
         })
     }
@@ -111,7 +121,12 @@ impl StopSignals {
     pub async fn recv(&mut self) -> &'static str {
         let name = tokio::select! {
             _ = self.term.recv() => "SIGTERM",
-            _ = self.hangup.recv() => "SIGHUP",
+            _ = async {
+                match &mut self.hangup {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
             _ = self.quit.recv() => "SIGQUIT",
         };
         tracing::info!("{name}: unmounting");

@@ -165,11 +165,18 @@ impl ChunkCache {
             Err(_) if rocksdb_locked_elsewhere(&dir.join("db").join("LOCK")) => {
                 return Err(CacheError::Busy(dir));
             }
-            Err(e) => {
-                // We own it and it holds only copies: start afresh rather than fail the mount.
+            // Damaged bookkeeping: we own it and it holds only copies, so start afresh rather
+            // than fail the mount.
+            Err(e @ CacheError::Db { .. }) if is_damage(&e) => {
                 tracing::warn!("{e}; rebuilding the chunk cache (its chunks are dropped)");
                 self.wipe()?;
                 self.open_db()?
+            }
+            // Not damage (no permission, no descriptors, a full disk): keep the chunks, and
+            // use the cache without owning it, as when another process does.
+            Err(e) => {
+                tracing::warn!("{e}; using the chunk cache without keeping what this process fetches");
+                return Err(CacheError::Busy(dir));
             }
         };
         // Half-written files of a crashed owner: never accounted, so never kept.
@@ -523,6 +530,12 @@ impl ChunkCache {
         o.evictions = 0;
         Ok(freed)
     }
+}
+
+/// An error that says the bookkeeping itself is damaged, rather than unreachable right now.
+fn is_damage(e: &CacheError) -> bool {
+    use rocksdb::ErrorKind::*;
+    matches!(e, CacheError::Db { source, .. } if matches!(source.kind(), Corruption | InvalidArgument | NotSupported))
 }
 
 /// Whether another process holds RocksDB's own lock (a POSIX record lock) on `lock`.

@@ -535,6 +535,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let mut all_condemned = condemned.clone();
     all_condemned.extend(gc_state.condemned.iter().copied());
     gc_state.condemned = sorted(&all_condemned);
+    gc_state.heartbeat = now();
     let version = put_state(store.as_ref(), &gc_state, version.as_ref()).await?;
     let mut claim = Claim { version, at: Instant::now(), every: opts.lease_timeout / 4 };
     phases.done("condemn");

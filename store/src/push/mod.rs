@@ -184,7 +184,7 @@ async fn push_under_lease(
     let config = repo.config();
     let packer =
         packer::Packer::new(config.pack_size as usize, config.zstd_level, lease.condemned().clone(), tx)
-            .indexing(repo, uploaded.clone());
+            .indexing(repo, lease, uploaded.clone());
     let started_ns =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
     let walker = Walker {
@@ -196,7 +196,6 @@ async fn push_under_lease(
         counts: Default::default(),
         meta_packs: Mutex::default(),
         condemned: lease.condemned(),
-        link_groups: Default::default(),
         cancel,
         progress,
         overlay: opts.overlay.as_ref().map(|base| overlay::Overlay {
@@ -225,7 +224,7 @@ async fn push_under_lease(
 
     // Commit, in order: index segments (packs are all stored), then the snapshot root.
     let rest = std::mem::take(&mut *uploaded.lock().expect("uploaded lock"));
-    indexed.add(packer::index_packs(repo, rest).await?);
+    indexed.add(packer::index_packs(repo, lease, rest).await?);
     let mut meta_packs = meta_packs.into_inner().expect("meta lock");
     meta_packs.extend(indexed.meta_packs);
     let stored_bytes = indexed.stored_bytes;

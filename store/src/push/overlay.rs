@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use rayon::prelude::*;
 
-use super::source::{nanos, Walker};
+use super::source::{nanos, Anchored, Walker};
 use crate::error::{Error, IoContext, Result};
 use crate::format::snapshot;
 use crate::format::tree::{Node, NodeKind};
@@ -81,7 +81,7 @@ impl Walker<'_> {
             return Err(Error::Usage("an overlay's base must be a directory snapshot".into()));
         };
         let lower = self.lower_dir(ov, tree)?;
-        self.overlay_dir(upper, ov.root.name.clone(), &meta, Some(lower), ov)
+        self.overlay_dir(upper, upper, ov.root.name.clone(), &meta, Some(lower), ov)
     }
 
     fn lower_dir(&self, ov: &Overlay, tree: &Id) -> Result<Lower> {
@@ -130,9 +130,11 @@ impl Walker<'_> {
         }
     }
 
+    /// Merge the upper directory `path` (reached at `at`, see [`Anchored`]) over `lower`.
     fn overlay_dir(
         &self,
         path: &Path,
+        at: &Path,
         name: Vec<u8>,
         meta: &Metadata,
         lower: Option<Lower>,
@@ -142,42 +144,37 @@ impl Walker<'_> {
             return Err(Error::Interrupted);
         }
         self.counts.dirs.fetch_add(1, Relaxed);
-        let entries: Vec<(Vec<u8>, std::path::PathBuf)> = std::fs::read_dir(path)
+        // The upper directory is the sandbox's to change while a live mount is committed.
+        let dir = Anchored::open(at, meta, libc::O_DIRECTORY).at(path)?;
+        let entries: Vec<Vec<u8>> = std::fs::read_dir(dir.at())
             .at(path)?
-            .map(|e| e.map(|e| (e.file_name().as_bytes().to_vec(), e.path())))
+            .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
             .collect::<std::io::Result<_>>()
             .at(path)?;
         // None: the name is deleted (whiteout); Some: the upper entry replaces the lower one.
         let changes: Vec<Option<(Vec<u8>, Option<Node>)>> = entries
             .into_par_iter()
-            .map(|(child_name, child)| {
-                let m = match std::fs::symlink_metadata(&child) {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(Error::io(child, e)),
-                };
-                if is_whiteout(&m) {
-                    return Ok(Some((child_name, None)));
-                }
-                let node = if m.is_dir() {
-                    let sub = self.lower_for(&child, &child_name, lower.as_ref(), ov)?;
-                    match self.overlay_dir(&child, child_name.clone(), &m, sub, ov) {
-                        // Removed while a live mount is committed: as if it never was.
-                        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                            return Ok(None)
+            .map(|child_name| {
+                let child = path.join(std::ffi::OsStr::from_bytes(&child_name));
+                let child_at = dir.at().join(std::ffi::OsStr::from_bytes(&child_name));
+                self.settled(&child, &child_at, |m| {
+                    if is_whiteout(m) {
+                        return Ok(Some((child_name.clone(), None)));
+                    }
+                    let node = if m.is_dir() {
+                        let sub = self.lower_for(&child_at, &child_name, lower.as_ref(), ov)?;
+                        self.overlay_dir(&child, &child_at, child_name.clone(), m, sub, ov)?
+                    } else {
+                        if m.is_file() && xattr_bytes(&child_at, METACOPY)?.is_some() {
+                            return Err(Error::Usage(format!(
+                                "{} is an overlayfs metacopy file; mount with metacopy=off",
+                                child.display()
+                            )));
                         }
-                        other => other?,
-                    }
-                } else {
-                    if m.is_file() && xattr_bytes(&child, METACOPY)?.is_some() {
-                        return Err(Error::Usage(format!(
-                            "{} is an overlayfs metacopy file; mount with metacopy=off",
-                            child.display()
-                        )));
-                    }
-                    self.node(&child, &child, child_name.clone(), &m)?
-                };
-                Ok(Some((child_name, Some(node))))
+                        self.node(&child, &child_at, child_name.clone(), m)?
+                    };
+                    Ok(Some((child_name.clone(), Some(node))))
+                })
             })
             .collect::<Result<_>>()?;
         let mut merged = lower.unwrap_or_default();
@@ -195,7 +192,10 @@ impl Walker<'_> {
             uid: meta.uid(),
             gid: meta.gid(),
             mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-            xattrs: self.xattrs(path)?,
+            xattrs: self.xattrs(at).map_err(|e| match e {
+                Error::Io { source, .. } => Error::io(path, source),
+                e => e,
+            })?,
             link_group: None,
         })
     }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::index::{self, IndexSegment, IndexedPack, MAX_CHUNKS_PER_SEGMENT};
 use crate::format::pack::{self, FinishedPack, PackBuilder, PackKind};
 use crate::id::{ChunkId, PackId};
+use crate::lease::WriterLease;
 use crate::repo::Repository;
 
 /// Packs uploaded at once; together with the queue this bounds push memory to about
@@ -38,6 +39,7 @@ pub struct Indexed {
 /// chunks are found there, so their claims can go.
 struct Indexing<'a> {
     repo: &'a Repository,
+    lease: &'a WriterLease,
     uploaded: Uploaded,
     handle: tokio::runtime::Handle,
     indexed: Mutex<Indexed>,
@@ -82,10 +84,15 @@ impl<'a> Packer<'a> {
 
     /// Index what [`upload_all`] stored in `uploaded` as the push goes, a full segment at a
     /// time. Must be called on the runtime the uploads run on.
-    pub fn indexing(mut self, repo: &'a Repository, uploaded: Uploaded) -> Packer<'a> {
+    pub fn indexing(
+        mut self,
+        repo: &'a Repository,
+        lease: &'a WriterLease,
+        uploaded: Uploaded,
+    ) -> Packer<'a> {
         let handle = tokio::runtime::Handle::current();
         let every = MAX_CHUNKS_PER_SEGMENT;
-        self.indexing = Some(Indexing { repo, uploaded, handle, indexed: Mutex::default(), every });
+        self.indexing = Some(Indexing { repo, lease, uploaded, handle, indexed: Mutex::default(), every });
         self
     }
 
@@ -133,11 +140,20 @@ impl<'a> Packer<'a> {
             if uploaded.iter().map(|p| p.chunks.len()).sum::<usize>() < ix.every {
                 return Ok(());
             }
-            std::mem::take(&mut *uploaded)
+            // One segment's packs; the rest wait for the next (no small leftover segments).
+            let (mut n, mut chunks) = (0, 0);
+            for p in uploaded.iter() {
+                if n > 0 && chunks + p.chunks.len() > ix.every {
+                    break;
+                }
+                chunks += p.chunks.len();
+                n += 1;
+            }
+            uploaded.drain(..n).collect::<Vec<_>>()
         };
         let ids: Vec<ChunkId> = packs.iter().flat_map(|p| p.chunks.iter().map(|e| e.id)).collect();
         // Off the async workers: a rayon thread, or the walk inside block_in_place.
-        let done = ix.handle.block_on(index_packs(ix.repo, packs))?;
+        let done = ix.handle.block_on(index_packs(ix.repo, ix.lease, packs))?;
         ix.indexed.lock().expect("indexed lock").add(done);
         let mut claimed = self.claimed.lock().expect("claim lock");
         for id in ids {
@@ -171,8 +187,10 @@ impl Indexed {
 }
 
 /// Write index segments for stored `packs` (split before `MAX_CHUNKS_PER_SEGMENT`) and take
-/// them into the local chunk index.
-pub async fn index_packs(repo: &Repository, packs: Vec<IndexedPack>) -> Result<Indexed> {
+/// them into the local chunk index. Each segment is preceded by a heartbeat, a conditional
+/// update of the lease: a writer that GC revoked (and whose packs it may have deleted since)
+/// stops here instead of indexing deleted packs for other writers to deduplicate against.
+pub async fn index_packs(repo: &Repository, lease: &WriterLease, packs: Vec<IndexedPack>) -> Result<Indexed> {
     let mut done = Indexed::default();
     let mut segment = IndexSegment::default();
     let mut rest = packs.into_iter().peekable();
@@ -186,6 +204,7 @@ pub async fn index_packs(repo: &Repository, packs: Vec<IndexedPack>) -> Result<I
         if rest.peek().is_none_or(|n| segment.chunk_count() + n.chunks.len() > MAX_CHUNKS_PER_SEGMENT) {
             let seg = std::mem::take(&mut segment);
             let (id, bytes) = seg.encode();
+            lease.heartbeat().await?;
             repo.put(&index::object_name(&id), bytes).await?;
             repo.cache().ingest(&id, seg.packs.iter().map(Ok))?;
         }
@@ -263,7 +282,9 @@ mod tests {
         let uploaded = Uploaded::default();
         let (tx, rx) = channel();
         let uploads = tokio::spawn(upload_all(repo.store().clone(), rx, uploaded.clone()));
-        let mut packer = Packer::new(64 << 10, 1, HashSet::new(), tx).indexing(&repo, uploaded.clone());
+        let lease = WriterLease::acquire(repo.store().clone(), "test").await.unwrap();
+        let mut packer =
+            Packer::new(64 << 10, 1, HashSet::new(), tx).indexing(&repo, &lease, uploaded.clone());
         if let Some(ix) = packer.indexing.as_mut() {
             ix.every = 100;
         }
@@ -290,10 +311,36 @@ mod tests {
         let mut indexed = packer.into_indexed();
         uploads.await.unwrap().unwrap();
         let rest = std::mem::take(&mut *uploaded.lock().unwrap());
-        indexed.add(index_packs(&repo, rest).await.unwrap());
+        indexed.add(index_packs(&repo, &lease, rest).await.unwrap());
         for i in 0..3000u32 {
             assert!(repo.has_chunk(&Id::of(&chunk(i))).unwrap(), "chunk {i} not indexed");
         }
         assert!(indexed.packs > 10);
+    }
+
+    /// A writer GC revoked may have had its packs deleted since: it must not index them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_writer_indexes_nothing() {
+        use crate::format::lease::{Lease, LeaseState};
+        use object_store::ObjectStoreExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let url = tmp.path().join("repo");
+        let repo = Repository::init(url.to_str().unwrap(), Chunking::default(), None, &tmp.path().join("c"))
+            .await
+            .unwrap();
+        let lease = WriterLease::acquire(repo.store().clone(), "test").await.unwrap();
+        let path = object_store::path::Path::from(lease.name());
+        let bytes = repo.store().get(&path).await.unwrap().bytes().await.unwrap();
+        let mut revoked = Lease::decode(&bytes, lease.name()).unwrap();
+        revoked.state = LeaseState::Revoked { by: "gc-test".into() };
+        repo.store().put(&path, revoked.encode().into()).await.unwrap();
+        let mut b = PackBuilder::new(PackKind::Data, 1 << 16);
+        b.add(Id::of(b"c"), 1, pack::Codec::Raw, b"c");
+        let p = b.finish();
+        let pack = IndexedPack { id: p.id, kind: p.kind, len: p.bytes.len() as u64, chunks: p.entries };
+        let err = index_packs(&repo, &lease, vec![pack]).await.err().expect("a revoked writer indexed");
+        assert!(matches!(err, Error::Conflict(_)), "{err}");
+        let listed = repo.list("index").await.unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
     }
 }

@@ -3,7 +3,6 @@
 
 use std::ffi::OsStr;
 use std::fs::{File, Metadata};
-use std::hash::BuildHasher;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -84,10 +83,21 @@ pub struct Walker<'a> {
     pub progress: &'a dyn PushProgress,
     /// Set for an overlay commit (see [`super::overlay`]).
     pub overlay: Option<super::overlay::Overlay<'a>>,
-    /// Keys this push's hard-link groups. (dev, inode) alone repeats across pushes (inode
-    /// numbers are reused, devices look alike), and an overlay commit keeps the base's
-    /// groups beside new ones: two unrelated files would then share one group.
-    pub link_groups: std::collections::hash_map::RandomState,
+}
+
+/// The hard-link group of a file with more than one link. (dev, inode) alone repeats across
+/// pushes (inode numbers are reused, devices look alike), and an overlay commit keeps the
+/// base's groups beside new ones: two unrelated files would share a group, and a mount or a
+/// restore would give one the other's bytes. With the inode's size and mtime (the same for
+/// all its links) they do not meet, while an unchanged group keeps its value from push to
+/// push, so its directories still deduplicate. BLAKE3 rather than std's hasher, whose
+/// output may change between Rust releases.
+fn link_group(meta: &Metadata) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for v in [meta.dev(), meta.ino(), meta.size(), meta.mtime() as u64, meta.mtime_nsec() as u64] {
+        h.update(&v.to_le_bytes());
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 pub(super) fn nanos(secs: i64, nsec: i64) -> i64 {
@@ -149,8 +159,7 @@ impl Walker<'_> {
                 NodeKind::Socket
             }
         };
-        let link_group =
-            (!ft.is_dir() && meta.nlink() > 1).then(|| self.link_groups.hash_one((meta.dev(), meta.ino())));
+        let link_group = (!ft.is_dir() && meta.nlink() > 1).then(|| link_group(meta));
         Ok(Node {
             name,
             kind,
@@ -188,24 +197,40 @@ impl Walker<'_> {
             .map(|name| {
                 let child = path.join(OsStr::from_bytes(&name));
                 let child_at = dir.at().join(OsStr::from_bytes(&name));
-                let vanished = || {
-                    tracing::warn!("{} vanished or changed during the push; skipped", child.display());
-                    Ok(None)
-                };
-                match std::fs::symlink_metadata(&child_at) {
-                    // Also gone later: opened, listed or its xattrs read after the lstat.
-                    Ok(meta) => match self.node(&child, &child_at, name, &meta) {
-                        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                            vanished()
-                        }
-                        other => other.map(Some),
-                    },
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => vanished(),
-                    Err(e) => Err(Error::io(child, e)),
-                }
+                self.settled(&child, &child_at, |meta| {
+                    self.node(&child, &child_at, name.clone(), meta).map(Some)
+                })
             })
             .collect::<Result<_>>()?;
         self.store_tree(nodes.into_iter().flatten().collect())
+    }
+
+    /// What `take` makes of the entry at `at` (named `path`), taken again from a fresh lstat
+    /// if the entry changed between its lstat and its open (a rename over it: an editor's
+    /// save, git rewriting its index); `None` once it is gone, or if it keeps changing.
+    pub(super) fn settled<T>(
+        &self,
+        path: &Path,
+        at: &Path,
+        take: impl Fn(&Metadata) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        for _ in 0..3 {
+            let meta = match std::fs::symlink_metadata(at) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!("{} vanished during the push; skipped", path.display());
+                    return Ok(None);
+                }
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            match take(&meta) {
+                // Gone or replaced after the lstat: opened, listed or its xattrs read.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                other => return other,
+            }
+        }
+        tracing::warn!("{} kept changing during the push; skipped", path.display());
+        Ok(None)
     }
 
     /// Encode a directory (nodes in name order) and store its objects; returns its id.
@@ -775,9 +800,49 @@ mod anchored_tests {
 }
 
 #[cfg(test)]
-mod shrink_tests {
+mod walker_tests {
     use super::*;
     use crate::format::config::Chunking;
+
+    /// A file replaced by a rename between its lstat and its open (an editor's save) is
+    /// taken again, not dropped from the snapshot.
+    #[test]
+    fn a_file_renamed_over_during_the_push_is_taken_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(&tmp.path().join("cache"), "test").unwrap();
+        let (tx, mut rx) = super::super::packer::channel();
+        std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+        let packer = Packer::new(64 << 20, 3, Default::default(), tx);
+        let (condemned, cancel) = (Default::default(), AtomicBool::new(false));
+        let walker = Walker {
+            cache: &cache,
+            packer: &packer,
+            chunker: Chunker::fs(&Chunking::default()),
+            use_file_cache: false,
+            started_ns: 0,
+            counts: Default::default(),
+            meta_packs: Default::default(),
+            condemned: &condemned,
+            cancel: &cancel,
+            progress: &super::super::NoProgress,
+            overlay: None,
+        };
+        let f = tmp.path().join("f");
+        std::fs::write(&f, b"old").unwrap();
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let node = walker
+            .settled(&f, &f, |meta| {
+                if tries.fetch_add(1, Relaxed) == 0 {
+                    std::fs::write(tmp.path().join("f.new"), b"saved again").unwrap();
+                    std::fs::rename(tmp.path().join("f.new"), &f).unwrap();
+                }
+                walker.node(&f, &f, b"f".to_vec(), meta).map(Some)
+            })
+            .unwrap()
+            .expect("the file was dropped");
+        assert_eq!(tries.load(Relaxed), 2);
+        assert!(matches!(node.kind, NodeKind::File { size: 11, .. }), "{node:?}");
+    }
 
     /// A file truncated between its lstat and its read: what vanished is stored as a hole,
     /// so the extents still cover the size the node records and any data planned after it
@@ -803,7 +868,6 @@ mod shrink_tests {
             cancel: &cancel,
             progress: &super::super::NoProgress,
             overlay: None,
-            link_groups: Default::default(),
         };
         let path = tmp.path().join("f");
         let file = std::fs::OpenOptions::new()
