@@ -145,16 +145,7 @@ async fn list_or_read_errors_before_the_sweep_delete_nothing() {
         )
         .await
         .unwrap();
-        let opts = PushOptions {
-            source: src.clone(),
-            kind: Kind::Fs,
-            tags: Default::default(),
-            parent: ParentSpec::None,
-            expire_in: None,
-            host: None,
-            label: None,
-            overlay: None,
-        };
+        let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) };
         let first = push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
         std::fs::write(src.join("f"), vec![8u8; 100_000]).unwrap();
         push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
@@ -202,16 +193,7 @@ async fn a_run_that_lost_its_claim_touches_neither_index_nor_packs() {
         .unwrap();
     let opts = |n: u8| {
         std::fs::write(src.join("f"), vec![n; 100_000]).unwrap();
-        PushOptions {
-            source: src.clone(),
-            kind: Kind::Fs,
-            tags: Default::default(),
-            parent: ParentSpec::None,
-            expire_in: None,
-            host: None,
-            label: None,
-            overlay: None,
-        }
+        PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) }
     };
     let first = push(&repo, &opts(1), &Quiet, &AtomicBool::new(false)).await.unwrap();
     push(&repo, &opts(2), &Quiet, &AtomicBool::new(false)).await.unwrap();

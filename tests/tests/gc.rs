@@ -1,5 +1,7 @@
 //! `cairn forget` through the real binary: expiry, retention rules, scopes, dry runs.
 
+use std::path::{Path, PathBuf};
+
 use cairn_tests::*;
 
 #[test]
@@ -204,20 +206,17 @@ fn unfinished_gc_blocks_a_second_run_until_it_is_stale() {
     write_random(&src.join("f"), 100_000, 9);
     let snap = repo.push(&src, &[]);
     let pack = files_under(&dir.join("packs"))[0].clone();
-    let pack_id = pack.file_name().unwrap().to_str().unwrap().to_string();
-    std::fs::create_dir_all(dir.join("gc")).unwrap();
     let now = std::time::SystemTime::now();
-    let state = |started: std::time::SystemTime| {
-        format!(
-            r#"{{"format": 1, "run": "gc-crashed", "started": "{}", "condemned": ["{pack_id}"]}}"#,
-            humantime_rfc3339(started)
-        )
-    };
-    std::fs::write(dir.join("gc/state"), state(now)).unwrap();
+    write_gc_state(&dir, "gc-crashed", now, std::slice::from_ref(&pack));
     let out = repo.run(&["gc"]);
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     // An hour-old unfinished run is taken over; the live pack it condemned is not deleted.
-    std::fs::write(dir.join("gc/state"), state(now - std::time::Duration::from_secs(3600))).unwrap();
+    write_gc_state(
+        &dir,
+        "gc-crashed",
+        now - std::time::Duration::from_secs(3600),
+        std::slice::from_ref(&pack),
+    );
     let run = repo.json(&["gc", "--lease-timeout", "10m"]);
     assert_eq!(run["packs_deleted"], 0, "{run}");
     assert!(pack.exists());
@@ -226,6 +225,19 @@ fn unfinished_gc_blocks_a_second_run_until_it_is_stale() {
     assert_eq!(state["condemned"].as_array().unwrap().len(), 0, "{state}");
     let out = tmp.path().join("out");
     repo.ok(&["restore", &snap, out.to_str().unwrap()]);
+}
+
+/// An unfinished gc/state of another run, started at `started`, condemning the pack files.
+fn write_gc_state(repo: &Path, run: &str, started: std::time::SystemTime, packs: &[PathBuf]) {
+    let ids: Vec<String> =
+        packs.iter().map(|p| format!("\"{}\"", p.file_name().unwrap().to_str().unwrap())).collect();
+    std::fs::create_dir_all(repo.join("gc")).unwrap();
+    let state = format!(
+        r#"{{"format": 1, "run": "{run}", "started": "{}", "condemned": [{}]}}"#,
+        humantime_rfc3339(started),
+        ids.join(", ")
+    );
+    std::fs::write(repo.join("gc/state"), state).unwrap();
 }
 
 fn humantime_rfc3339(t: std::time::SystemTime) -> String {
@@ -328,15 +340,7 @@ fn a_writer_never_uploads_a_condemned_pack_again() {
     repo.push(&src, &[]);
     let condemned: Vec<_> = files_under(&dir.join("packs"));
     let their_index = files_under(&dir.join("index"));
-    let ids: Vec<String> =
-        condemned.iter().map(|p| format!("\"{}\"", p.file_name().unwrap().to_str().unwrap())).collect();
-    std::fs::create_dir_all(dir.join("gc")).unwrap();
-    let state = format!(
-        r#"{{"format": 1, "run": "gc-elsewhere", "started": "{}", "condemned": [{}]}}"#,
-        humantime_rfc3339(std::time::SystemTime::now()),
-        ids.join(", ")
-    );
-    std::fs::write(dir.join("gc/state"), state).unwrap();
+    write_gc_state(&dir, "gc-elsewhere", std::time::SystemTime::now(), &condemned);
     // A fresh host: nothing cached, the same bytes pushed again.
     let other = Repo::local(&dir);
     let again = other.push(&src, &[]);
@@ -377,20 +381,10 @@ fn an_unchanged_large_file_is_read_again_when_its_data_packs_are_condemned() {
     let again = repo.json(&["push", src.to_str().unwrap()]);
     assert_eq!(again["files_unchanged"], 1, "the change cache is not in use: {again}");
 
-    let is_data = |p: &std::path::PathBuf| std::fs::read(p).unwrap()[5] == 0;
-    let data: Vec<String> = files_under(&dir.join("packs"))
-        .iter()
-        .filter(|p| is_data(p))
-        .map(|p| format!("\"{}\"", p.file_name().unwrap().to_str().unwrap()))
-        .collect();
+    let is_data = |p: &PathBuf| std::fs::read(p).unwrap()[5] == 0;
+    let data: Vec<PathBuf> = files_under(&dir.join("packs")).into_iter().filter(is_data).collect();
     assert!(!data.is_empty());
-    std::fs::create_dir_all(dir.join("gc")).unwrap();
-    let state = format!(
-        r#"{{"format": 1, "run": "gc-elsewhere", "started": "{}", "condemned": [{}]}}"#,
-        humantime_rfc3339(std::time::SystemTime::now()),
-        data.join(", ")
-    );
-    std::fs::write(dir.join("gc/state"), state).unwrap();
+    write_gc_state(&dir, "gc-elsewhere", std::time::SystemTime::now(), &data);
     let third = repo.json(&["push", src.to_str().unwrap()]);
     assert_eq!(third["files_unchanged"], 0, "reused content whose data is condemned: {third}");
     assert!(third["stats"]["new_chunks"].as_u64().unwrap() > 256, "{third}");

@@ -804,29 +804,50 @@ mod walker_tests {
     use super::*;
     use crate::format::config::Chunking;
 
+    /// What a [`Walker`] borrows, for tests that walk without a repository.
+    struct Parts {
+        cache: LocalCache,
+        packer: Packer<'static>,
+        condemned: std::collections::HashSet<PackId>,
+        cancel: AtomicBool,
+    }
+
+    impl Parts {
+        fn new(dir: &Path) -> Parts {
+            let (tx, mut rx) = super::super::packer::channel();
+            std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+            Parts {
+                cache: LocalCache::open(&dir.join("cache"), "test").unwrap(),
+                packer: Packer::new(64 << 20, 3, Default::default(), tx),
+                condemned: Default::default(),
+                cancel: AtomicBool::new(false),
+            }
+        }
+
+        fn walker(&self) -> Walker<'_> {
+            Walker {
+                cache: &self.cache,
+                packer: &self.packer,
+                chunker: Chunker::fs(&Chunking::default()),
+                use_file_cache: false,
+                started_ns: 0,
+                counts: Default::default(),
+                meta_packs: Default::default(),
+                condemned: &self.condemned,
+                cancel: &self.cancel,
+                progress: &super::super::NoProgress,
+                overlay: None,
+            }
+        }
+    }
+
     /// A file replaced by a rename between its lstat and its open (an editor's save) is
     /// taken again, not dropped from the snapshot.
     #[test]
     fn a_file_renamed_over_during_the_push_is_taken_again() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = LocalCache::open(&tmp.path().join("cache"), "test").unwrap();
-        let (tx, mut rx) = super::super::packer::channel();
-        std::thread::spawn(move || while rx.blocking_recv().is_some() {});
-        let packer = Packer::new(64 << 20, 3, Default::default(), tx);
-        let (condemned, cancel) = (Default::default(), AtomicBool::new(false));
-        let walker = Walker {
-            cache: &cache,
-            packer: &packer,
-            chunker: Chunker::fs(&Chunking::default()),
-            use_file_cache: false,
-            started_ns: 0,
-            counts: Default::default(),
-            meta_packs: Default::default(),
-            condemned: &condemned,
-            cancel: &cancel,
-            progress: &super::super::NoProgress,
-            overlay: None,
-        };
+        let parts = Parts::new(tmp.path());
+        let walker = parts.walker();
         let f = tmp.path().join("f");
         std::fs::write(&f, b"old").unwrap();
         let tries = std::sync::atomic::AtomicUsize::new(0);
@@ -850,25 +871,8 @@ mod walker_tests {
     #[test]
     fn a_file_truncated_while_read_keeps_its_layout() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = LocalCache::open(&tmp.path().join("cache"), "test").unwrap();
-        let (tx, mut rx) = super::super::packer::channel();
-        std::thread::spawn(move || while rx.blocking_recv().is_some() {});
-        let packer = Packer::new(64 << 20, 3, Default::default(), tx);
-        let condemned = Default::default();
-        let cancel = AtomicBool::new(false);
-        let walker = Walker {
-            cache: &cache,
-            packer: &packer,
-            chunker: Chunker::fs(&Chunking::default()),
-            use_file_cache: false,
-            started_ns: 0,
-            counts: Default::default(),
-            meta_packs: Default::default(),
-            condemned: &condemned,
-            cancel: &cancel,
-            progress: &super::super::NoProgress,
-            overlay: None,
-        };
+        let parts = Parts::new(tmp.path());
+        let walker = parts.walker();
         let path = tmp.path().join("f");
         let file = std::fs::OpenOptions::new()
             .read(true)
