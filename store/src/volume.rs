@@ -185,8 +185,11 @@ pub async fn advance(repo: &Repository, current: &ReadHead, snapshot: Id, origin
     let refused =
         matches!(e, object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. });
     let now = match read(repo, &head.name).await {
+        // Ours landed. What we wrote, not the head as it is now: another host may have
+        // committed on top since, and a caller that took that version for its own would
+        // commit over it next time without a conflict.
         Ok(now) if now.head.id == head.id && now.head.history.iter().any(|v| v.snapshot == snapshot) => {
-            return Ok(now.head);
+            return Ok(head);
         }
         Ok(r) => format!(
             "it is now at version {} ({})",

@@ -17,7 +17,7 @@ use cairn_tests::*;
 use futures::stream::BoxStream;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 
@@ -33,6 +33,8 @@ struct FaultStore {
     /// reported as a failed precondition (what a retry after a lost reply sees), or not
     /// applied and reported as an error that says nothing (a timeout).
     lose_reply: std::sync::Mutex<Option<(String, bool)>>,
+    /// With a lost reply that was applied: another host commits on top before the retry.
+    commit_between: AtomicBool,
 }
 
 impl FaultStore {
@@ -43,6 +45,7 @@ impl FaultStore {
             fail_gets: AtomicBool::new(false),
             puts_seen: AtomicUsize::new(0),
             lose_reply: Default::default(),
+            commit_between: AtomicBool::new(false),
         })
     }
     fn fail_puts(&self, prefix: &str, after: usize) {
@@ -93,6 +96,15 @@ impl ObjectStore for FaultStore {
         match lose {
             Some(true) => {
                 self.inner.put_opts(location, payload, opts).await?;
+                if self.commit_between.swap(false, SeqCst) {
+                    let bytes = self.inner.get(location).await?.bytes().await?;
+                    let mut head = cairn_store::format::volume::Head::decode(&bytes, "head").unwrap();
+                    let mut theirs = head.history.last().unwrap().clone();
+                    theirs.version += 1;
+                    theirs.host = "another-host".into();
+                    head.record(theirs);
+                    self.inner.put(location, head.encode().into()).await?;
+                }
                 Err(object_store::Error::Precondition {
                     path: location.to_string(),
                     source: "retried".into(),
@@ -458,6 +470,18 @@ async fn a_volume_commit_whose_reply_is_lost_is_neither_lost_nor_doubled() {
     faults.heal();
     let (_, head) = volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
     assert_eq!(head.version, 4);
+
+    // Landed, reply lost, and another host commits on top before the retry: the writer
+    // learns its own version (5), not the other host's (6), so a commit expecting its own
+    // head next conflicts instead of overwriting the other host's.
+    *faults.lose_reply.lock().unwrap() = Some(("volumes/".into(), true));
+    faults.commit_between.store(true, SeqCst);
+    std::fs::write(src.join("new"), b"mine").unwrap();
+    let (_, head) = volume::push_dir(&repo, "v", &src, None, &NoProgress, &cancel).await.unwrap();
+    assert_eq!(head.version, 5);
+    assert_eq!(volume::read(&repo, "v").await.unwrap().head.version, 6);
+    let err = volume::push_dir(&repo, "v", &src, Some(head.version), &NoProgress, &cancel).await.unwrap_err();
+    assert!(matches!(err, cairn_store::Error::Conflict(_)), "{err}");
 }
 
 /// A commit that landed but whose record in the writer's state was lost (a crash between
