@@ -75,7 +75,7 @@ pub async fn forget(repo: &cairn_store::Repository, args: &ForgetArgs, json: boo
     let mut group = None;
     for d in &report.decisions {
         if group.as_ref() != Some(&d.group) {
-            println!("{}:", d.group);
+            outln!("{}:", d.group)?;
             group = Some(d.group.clone());
         }
         let verb = match (d.keep, report.dry_run) {
@@ -83,15 +83,15 @@ pub async fn forget(repo: &cairn_store::Repository, args: &ForgetArgs, json: boo
             (false, true) => "would remove",
             (false, false) => "remove",
         };
-        println!(
+        outln!(
             "  {verb} {} {}  {}",
             d.id.short(),
             d.time.get(..19).unwrap_or(&d.time),
             d.reasons.join(", ")
-        );
+        )?;
     }
     let done = if report.dry_run { "would remove" } else { "removed" };
-    println!("{} kept, {} {done} (chunks are freed by `cairn gc`)", report.kept, report.removed);
+    outln!("{} kept, {} {done} (chunks are freed by `cairn gc`)", report.kept, report.removed)?;
     Ok(())
 }
 
@@ -128,25 +128,25 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
         return crate::print_json(&r);
     }
     let verb = if r.dry_run { "would delete" } else { "deleted" };
-    println!(
+    outln!(
         "{} snapshots, {} live chunks; {verb} {} of {} packs ({} freed)",
         r.snapshots,
         r.live_chunks,
         r.packs_deleted,
         r.packs,
         crate::bytes(r.bytes_freed)
-    );
+    )?;
     if !r.dry_run {
-        println!(
+        outln!(
             "repacked {} packs ({} written); index: {} segments written, {} deleted; writers: {} waited for, {} revoked, {} rolled forward; {} packs taken back",
             r.packs_repacked, crate::bytes(r.bytes_repacked), r.segments_written, r.segments_deleted, r.leases_waited, r.leases_revoked, r.leases_rolled_forward, r.packs_taken_back
-        );
+        )?;
         if r.staging_removed > 0 {
-            println!("removed {} staging files left by writers killed mid-write", r.staging_removed);
+            outln!("removed {} staging files left by writers killed mid-write", r.staging_removed)?;
         }
     }
     let phases: Vec<String> = r.phases.iter().map(|(n, s)| format!("{n} {s:.2}s")).collect();
-    println!(
+    outln!(
         "{} requests ({} GET, {} PUT, {} DELETE, {} LIST); {}",
         r.requests.requests(),
         r.requests.gets,
@@ -154,6 +154,6 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
         r.requests.deletes,
         r.requests.lists,
         phases.join(", ")
-    );
+    )?;
     Ok(())
 }

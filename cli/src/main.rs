@@ -2,6 +2,15 @@
 //! function of `cairn-store` (or `cairn-fuse`, `cairn-gc`) and prints the result, as text
 //! for people or as JSON with `--json`.
 
+/// `println!` that returns the error instead of panicking when stdout is closed early
+/// (`cairn snapshots | head -1`); `main` treats a broken pipe as success.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod gc_cmd;
 mod mount_cmd;
 mod progress;
@@ -23,6 +32,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Exit codes, documented in `cairn --help` and docs/operations.md.
 const EXIT_ERROR: u8 = 1;
+/// Bad arguments: clap's own errors, and the library's `Usage` errors (a bad name, a path
+/// that is not a directory, an unknown option value).
+const EXIT_USAGE: u8 = 2;
 const EXIT_DAMAGE: u8 = 3;
 /// A conditional write lost a race (a volume head moved, a revoked push lease, a concurrent
 /// gc): nothing was committed; retry.
@@ -212,8 +224,18 @@ fn main() -> ExitCode {
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
+    // Commands that read the flag stop cleanly; the others (inspection, gc, forget: which
+    // change nothing until their last step, or only through conditional writes) exit at once.
+    let stops_cleanly = matches!(
+        cli.command,
+        Command::Push { .. } | Command::Restore { .. } | Command::Mount(_) | Command::Volume { .. }
+    );
     runtime.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
+            if !stops_cleanly {
+                eprintln!("interrupted");
+                std::process::exit(EXIT_INTERRUPTED as i32);
+            }
             eprintln!("interrupted; stopping (press Ctrl-C again to exit at once)");
             flag.store(true, Ordering::SeqCst);
             if tokio::signal::ctrl_c().await.is_ok() {
@@ -239,6 +261,9 @@ fn main() -> ExitCode {
             eprintln!("error: {}", describe(&e));
             if is_conflict(&e) {
                 return ExitCode::from(EXIT_CONFLICT);
+            }
+            if e.chain().any(|c| matches!(c.downcast_ref(), Some(cairn_store::Error::Usage(_)))) {
+                return ExitCode::from(EXIT_USAGE);
             }
             ExitCode::from(EXIT_ERROR)
         }
@@ -272,7 +297,8 @@ async fn open(cli: &Cli) -> Result<Repository> {
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
+    // Back to the io::Error it wraps, so a closed pipe is seen as one.
+    serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }
@@ -320,7 +346,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             if cli.json {
                 print_json(repo.config())?;
             } else {
-                println!("created repository {} at {url}", repo.config().id);
+                outln!("created repository {} at {url}", repo.config().id)?;
             }
         }
         Command::Push { path, volume: Some(name), expect_version, .. } => {
@@ -367,8 +393,8 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             }
             eprintln!(
                 "pushed {} files, {} dirs, {} other; {} logical, {} read ({} files unchanged)\n\
-                 new: {} chunks, {} plain, {} stored in {} packs; dedup+compression ratio {:.2}\n\
-                 {} requests ({} PUT, {} GET, {} LIST), {} up, {:.2}s",
+                 new: {} chunks, {} plain, {} stored in {} packs; {}\n\
+                 {} requests ({} PUT, {} GET, {} HEAD, {} LIST, {} DELETE), {} up, {:.2}s",
                 s.files,
                 s.dirs,
                 s.others,
@@ -379,16 +405,22 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 bytes(s.new_bytes),
                 bytes(s.stored_bytes),
                 summary.packs,
-                summary.dedup_ratio(),
+                if s.stored_bytes == 0 {
+                    "all of it was stored already".to_string()
+                } else {
+                    format!("dedup+compression ratio {:.2}", summary.dedup_ratio())
+                },
                 summary.requests.requests(),
                 summary.requests.puts,
                 summary.requests.gets,
+                summary.requests.heads,
                 summary.requests.lists,
+                summary.requests.deletes,
                 bytes(summary.requests.bytes_up),
                 summary.seconds,
             );
             if !cli.json {
-                println!("{}", summary.snapshot);
+                outln!("{}", summary.snapshot)?;
             }
         }
         Command::Snapshots => {
@@ -401,13 +433,17 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                     .collect();
                 print_json(&list)?;
             } else {
-                println!(
+                outln!(
                     "{:<10} {:<20} {:<12} {:<6} {:>10}  source / tags",
-                    "id", "time", "host", "kind", "size"
-                );
+                    "id",
+                    "time",
+                    "host",
+                    "kind",
+                    "size"
+                )?;
                 for (id, s) in &snaps {
                     let tags: Vec<String> = s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!(
+                    outln!(
                         "{:<10} {:<20} {:<12} {:<6} {:>10}  {} {}",
                         id.short(),
                         s.time.get(..19).unwrap_or(&s.time),
@@ -416,9 +452,9 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                         bytes(s.stats.bytes),
                         s.source,
                         tags.join(",")
-                    );
+                    )?;
                 }
-                println!("{} snapshots", snaps.len());
+                outln!("{} snapshots", snaps.len())?;
             }
         }
         Command::Show { snapshot } => {
@@ -427,21 +463,24 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             if cli.json {
                 print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
             } else {
-                println!("snapshot {id}");
-                println!(
+                outln!("snapshot {id}")?;
+                outln!(
                     "time     {}\nhost     {}\nsource   {}\nkind     {:?}",
-                    snap.time, snap.host, snap.source, snap.kind
-                );
-                println!("parent   {}", snap.parent.map(|p| p.to_hex()).unwrap_or_else(|| "-".into()));
-                println!("expires  {}", snap.expires.as_deref().unwrap_or("never"));
+                    snap.time,
+                    snap.host,
+                    snap.source,
+                    snap.kind
+                )?;
+                outln!("parent   {}", snap.parent.map(|p| p.to_hex()).unwrap_or_else(|| "-".into()))?;
+                outln!("expires  {}", snap.expires.as_deref().unwrap_or("never"))?;
                 for (k, v) in &snap.tags {
-                    println!("tag      {k}={v}");
+                    outln!("tag      {k}={v}")?;
                 }
                 let s = &snap.stats;
-                println!(
+                outln!(
                     "contents {} files, {} dirs, {} other, {}\nstored   {} new chunks, {} new plain, {} packed",
                     s.files, s.dirs, s.others, bytes(s.bytes), s.new_chunks, bytes(s.new_bytes), bytes(s.stored_bytes)
-                );
+                )?;
             }
         }
         Command::Ls { target, recursive } => {
@@ -522,16 +561,16 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             if cli.json {
                 print_json(&stats)?;
             } else {
-                println!("snapshots       {}", stats.snapshots);
-                println!("logical bytes   {}", bytes(stats.logical_bytes));
-                println!("unique bytes    {} in {} chunks", bytes(stats.unique_bytes), stats.chunks);
-                println!(
+                outln!("snapshots       {}", stats.snapshots)?;
+                outln!("logical bytes   {}", bytes(stats.logical_bytes))?;
+                outln!("unique bytes    {} in {} chunks", bytes(stats.unique_bytes), stats.chunks)?;
+                outln!(
                     "stored bytes    {} in {} data + {} metadata packs",
                     bytes(stats.pack_bytes),
                     stats.data_packs,
                     stats.meta_packs
-                );
-                println!("index segments  {}", stats.index_segments);
+                )?;
+                outln!("index segments  {}", stats.index_segments)?;
             }
         }
         Command::Check { read_data } => {
@@ -540,7 +579,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             if cli.json {
                 print_json(&report)?;
             } else {
-                println!(
+                outln!(
                     "checked {} snapshots, {} trees, {} chunk references, {} packs ({} read, {})",
                     report.snapshots,
                     report.trees,
@@ -548,17 +587,17 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                     report.packs,
                     report.packs_read,
                     bytes(report.bytes_read)
-                );
+                )?;
                 for d in &report.damage {
                     let place = match (&d.snapshot, &d.path) {
                         (Some(s), Some(p)) => format!("snapshot {} {p}: ", &s[..8]),
                         (Some(s), None) => format!("snapshot {}: ", &s[..8]),
                         _ => String::new(),
                     };
-                    println!("DAMAGE {place}{}", d.problem);
+                    outln!("DAMAGE {place}{}", d.problem)?;
                 }
                 if report.is_ok() {
-                    println!("no damage found");
+                    outln!("no damage found")?;
                 }
             }
             if !report.is_ok() {

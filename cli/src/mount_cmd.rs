@@ -230,22 +230,22 @@ pub fn cache(cache_root: &Path, cmd: &CacheCommand, json: bool) -> Result<()> {
             if json {
                 crate::print_json(&s)?;
             } else {
-                println!("cache dir   {}", s.dir.display());
+                outln!("cache dir   {}", s.dir.display())?;
                 if s.owner {
-                    println!("chunks      {}", s.chunks);
-                    println!(
+                    outln!("chunks      {}", s.chunks)?;
+                    outln!(
                         "used        {} of {} cap",
                         crate::bytes(s.used_bytes),
                         crate::bytes(s.max_bytes)
-                    );
+                    )?;
                 } else {
-                    println!("used        unknown: a running mount owns the cache");
+                    outln!("used        unknown: a running mount owns the cache")?;
                 }
-                println!(
+                outln!(
                     "free space  {} (floor {})",
                     crate::bytes(s.free_bytes),
                     crate::bytes(s.min_free_bytes)
-                );
+                )?;
             }
         }
         CacheCommand::Clear { cache } => {
@@ -254,7 +254,7 @@ pub fn cache(cache_root: &Path, cmd: &CacheCommand, json: bool) -> Result<()> {
             if json {
                 crate::print_json(&serde_json::json!({ "freed_bytes": freed }))?;
             } else {
-                println!("cleared {} from {}", crate::bytes(freed), c.dir().display());
+                outln!("cleared {} from {}", crate::bytes(freed), c.dir().display())?;
             }
         }
     }

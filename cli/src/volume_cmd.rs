@@ -44,16 +44,16 @@ pub enum VolumeCommand {
     },
 }
 
-fn print_head(h: &Head) {
+fn print_head(h: &Head) -> std::io::Result<()> {
     let last = h.history.last();
-    println!(
+    outln!(
         "{:<24} v{:<5} {} {} {}",
         h.name,
         h.version,
         h.snapshot.short(),
         last.map(|v| v.time.get(..19).unwrap_or(&v.time)).unwrap_or("-"),
         last.map(|v| v.host.as_str()).unwrap_or("-")
-    );
+    )
 }
 
 pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &AtomicBool) -> Result<()> {
@@ -63,7 +63,7 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             if json {
                 crate::print_json(&head)?;
             } else {
-                println!("created volume {name} at version 1 (snapshot {})", head.snapshot.short());
+                outln!("created volume {name} at version 1 (snapshot {})", head.snapshot.short())?;
             }
         }
         VolumeCommand::List => {
@@ -71,9 +71,9 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             if json {
                 crate::print_json(&heads)?;
             } else {
-                println!("{:<24} {:<6} {:<8} {:<19} host", "volume", "head", "snapshot", "committed");
-                heads.iter().for_each(print_head);
-                println!("{} volumes", heads.len());
+                outln!("{:<24} {:<6} {:<8} {:<19} host", "volume", "head", "snapshot", "committed")?;
+                heads.iter().try_for_each(print_head)?;
+                outln!("{} volumes", heads.len())?;
             }
         }
         VolumeCommand::Show { name } => {
@@ -81,11 +81,11 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             if json {
                 crate::print_json(&head)?;
             } else {
-                println!("volume   {}\nversion  {}\nsnapshot {}", head.name, head.version, head.snapshot);
+                outln!("volume   {}\nversion  {}\nsnapshot {}", head.name, head.version, head.snapshot)?;
                 if let Some(v) = head.history.last() {
-                    println!("time     {}\nhost     {}\nhow      {}", v.time, v.host, v.how);
+                    outln!("time     {}\nhost     {}\nhow      {}", v.time, v.host, v.how)?;
                 }
-                println!("versions {} listed (from v{})", head.history.len(), head.first_listed());
+                outln!("versions {} listed (from v{})", head.history.len(), head.first_listed())?;
             }
         }
         VolumeCommand::History { name } => {
@@ -94,16 +94,16 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
                 crate::print_json(&head.history)?;
             } else {
                 if head.first_listed() > 1 {
-                    println!(
+                    outln!(
                         "(versions before v{} are not listed in the head; they are snapshots tagged {}={}, \
                          and rollback still reaches them)",
                         head.first_listed(),
                         cairn_store::format::volume::ID_TAG,
                         head.id
-                    );
+                    )?;
                 }
                 for v in &head.history {
-                    println!("v{:<5} {} {} {:<12} {}", v.version, v.snapshot.short(), v.time, v.host, v.how);
+                    outln!("v{:<5} {} {} {:<12} {}", v.version, v.snapshot.short(), v.time, v.host, v.how)?;
                 }
             }
         }
@@ -112,7 +112,7 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             if json {
                 crate::print_json(&head)?;
             } else {
-                println!("volume {name} is at version {} (the contents of version {version})", head.version);
+                outln!("volume {name} is at version {} (the contents of version {version})", head.version)?;
             }
         }
         VolumeCommand::Delete { name } => {
@@ -120,10 +120,10 @@ pub async fn run(repo: &Repository, cmd: &VolumeCommand, json: bool, cancel: &At
             if json {
                 crate::print_json(&head)?;
             } else {
-                println!(
+                outln!(
                     "deleted volume {name} (was at version {}); its snapshots stay until `cairn forget --volume {name}`",
                     head.version
-                );
+                )?;
             }
         }
         VolumeCommand::Commit { mountpoint, state_dir } => {
@@ -177,7 +177,7 @@ pub fn report_commit(summary: &PushSummary, head: &Head, json: bool) -> Result<(
             crate::bytes(summary.requests.bytes_down),
             summary.seconds
         );
-        println!("{}", summary.snapshot);
+        outln!("{}", summary.snapshot)?;
     }
     Ok(())
 }

@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 /// Open the store a repository URL names:
 /// a plain path or `file:///path` (the embedded default), `s3://bucket[/prefix]` (endpoint and
 /// credentials from the standard `AWS_*` environment), or `memory://` (unit tests only).
-pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
+/// A local directory is created only with `create` (init): a mistyped path given to any other
+/// command is an error, not a new empty directory.
+pub fn open_url(url: &str, create: bool) -> Result<Arc<dyn ObjectStore>> {
     if url == "memory://" || url == "memory:" {
         return Ok(Arc::new(object_store::memory::InMemory::new()));
     }
@@ -47,7 +49,11 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
             "{url}: unsupported repository URL (use a path, file://, s3:// or memory://)"
         )));
     };
-    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    if create {
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    } else if !std::path::Path::new(path).is_dir() {
+        return Err(Error::NotARepository(url.to_string()));
+    }
     // Durable like a bucket: a successful put is synced (file and directory), so a snapshot
     // root is never on disk before the packs and index it names. Packs bypass the page cache.
     let local = object_store::local::LocalFileSystem::new_with_prefix(path)
@@ -59,7 +65,14 @@ pub fn open_url(url: &str) -> Result<Arc<dyn ObjectStore>> {
 
 /// The directory of a local repository URL (a plain path or `file://`); `None` for others.
 pub fn local_path(url: &str) -> Option<&str> {
-    let path = url.strip_prefix("file://").unwrap_or(url);
+    // file:///abs or file://localhost/abs; file://host/path names another host's file.
+    let path = match url.strip_prefix("file://") {
+        Some(rest) => rest.strip_prefix("localhost").unwrap_or(rest),
+        None => url,
+    };
+    if url.starts_with("file://") && !path.starts_with('/') {
+        return None;
+    }
     (!path.contains("://") && url != "memory:").then_some(path)
 }
 

@@ -32,19 +32,40 @@ impl LocalCas {
     ) -> object_store::Result<T> {
         let _local = self.local.lock().await;
         let path = self.lock_file.clone();
-        let guard = tokio::task::spawn_blocking(move || {
-            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, e)| std::io::Error::from(e))
-        })
-        .await
-        .map_err(|e| object_store::Error::Generic { store: "LocalCas", source: Box::new(e) })?
-        .map_err(|e| object_store::Error::Generic { store: "LocalCas", source: Box::new(e) })?;
+        let fail = |e: std::io::Error| object_store::Error::Generic {
+            store: "LocalCas",
+            source: format!("{}: {e}", self.lock_file.display()).into(),
+        };
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(fail)?;
+        // Held only around one compare-and-swap; a holder that stays (stopped with Ctrl-Z, or
+        // hung) must not hang every push and gc of the host without a word.
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut file = file;
+        let guard = loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(guard) => break guard,
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) if tokio::time::Instant::now() < deadline => {
+                    file = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(fail(std::io::Error::other(format!(
+                        "another process has held this lock for over {} s",
+                        LOCK_WAIT.as_secs()
+                    ))))
+                }
+                Err((_, e)) => return Err(fail(e.into())),
+            }
+        };
         let out = f.await;
         drop(guard);
         out
     }
 }
+
+/// How long a compare-and-swap waits for the repository's lock before failing.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl fmt::Display for LocalCas {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -188,8 +188,16 @@ pub fn remove_stale_staging(root: &FsPath, age: std::time::Duration) -> std::io:
             let staging = name.to_str().and_then(|n| n.rsplit_once('#')).is_some_and(|(object, n)| {
                 !object.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
             });
-            let old = entry.metadata()?.modified()?.elapsed().is_ok_and(|a| a > age);
-            if kind.is_file() && staging && old {
+            if !kind.is_file() || !staging {
+                continue;
+            }
+            // A live writer may rename its staging file away meanwhile: then it is not stale.
+            let old = match entry.metadata() {
+                Ok(m) => m.modified()?.elapsed().is_ok_and(|a| a > age),
+                Err(e) if e.kind() == ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            };
+            if old {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == ErrorKind::NotFound => {}

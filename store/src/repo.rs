@@ -60,7 +60,7 @@ impl Repository {
         if let Some(level) = zstd_level {
             config.zstd_level = level;
         }
-        Self::init_with(backend::open_url(url)?, url, config, cache_root).await
+        Self::init_with(backend::open_url(url, true)?, url, config, cache_root).await
     }
 
     pub async fn init_on(
@@ -96,7 +96,7 @@ impl Repository {
 
     /// Open an existing repository and bring the local chunk index up to date.
     pub async fn open(url: &str, cache_root: &Path) -> Result<Repository> {
-        Self::open_on(backend::open_url(url)?, url, cache_root).await
+        Self::open_on(backend::open_url(url, false)?, url, cache_root).await
     }
 
     pub async fn open_on(inner: Arc<dyn ObjectStore>, url: &str, cache_root: &Path) -> Result<Repository> {
@@ -449,16 +449,28 @@ impl Repository {
         Ok(snap)
     }
 
-    /// Every snapshot, oldest first. Fails on the first unreadable root, naming it.
+    /// Every readable snapshot, oldest first. A root removed since the listing (a concurrent
+    /// forget) is left out; so is a damaged one, with a warning: one bad object must not stop
+    /// every push (`--parent auto`), listing and forget of the repository. `check` reports it
+    /// and `gc` refuses to run until it is removed (docs/operations.md). Bucket errors fail.
     pub async fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let ids = self.snapshot_ids().await?;
-        let mut all: Vec<(Id, Snapshot)> = futures::stream::iter(ids.into_iter().map(|id| async move {
-            let snap = self.load_snapshot(&id).await?;
-            Ok::<_, Error>((id, snap))
-        }))
-        .buffer_unordered(FETCH_CONCURRENCY)
-        .try_collect()
-        .await?;
+        let loaded: Vec<Option<(Id, Snapshot)>> =
+            futures::stream::iter(ids.into_iter().map(|id| async move {
+                match self.load_snapshot(&id).await {
+                    Ok(snap) => Ok(Some((id, snap))),
+                    Err(Error::NotFound(_)) => Ok(None),
+                    Err(e @ Error::Corrupt { .. }) => {
+                        tracing::warn!("skipping snapshot {id}: {e}");
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }))
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut all: Vec<(Id, Snapshot)> = loaded.into_iter().flatten().collect();
         all.sort_by(|a, b| a.1.time().cmp(&b.1.time()).then(a.0.cmp(&b.0)));
         Ok(all)
     }
@@ -484,7 +496,14 @@ impl Repository {
             [id] => Ok((*id, self.load_snapshot(id).await?)),
             [] => Err(Error::NotFound(format!("snapshot {spec}"))),
             _ => {
-                Err(Error::Usage(format!("snapshot prefix {spec} is ambiguous ({} matches)", matches.len())))
+                let some: Vec<String> =
+                    matches.iter().take(5).map(|id| id.to_hex()[..16].to_string()).collect();
+                let more = if matches.len() > 5 { ", …" } else { "" };
+                Err(Error::Usage(format!(
+                    "snapshot prefix {spec} is ambiguous ({} matches: {}{more}); give more digits",
+                    matches.len(),
+                    some.join(", ")
+                )))
             }
         }
     }

@@ -99,13 +99,20 @@ fn malformed_snapshot_root_is_named() {
     let f = fixture();
     let root = f.tmp.path().join("repo/snapshots").join(&f.id);
     std::fs::write(&root, b"{ not json").unwrap();
+    // Listing goes on without it, saying why: one bad root must not stop every push
+    // (--parent auto), listing and forget of the repository.
     let r = f.repo.run(&["snapshots"]);
-    assert!(!r.status.success());
+    assert!(r.status.success(), "{r:?}");
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains(&format!("snapshots/{}", f.id)) && err.contains("corrupt"), "{err}");
-    // A well-formed root whose bytes do not match its name is refused too.
+    assert!(!String::from_utf8_lossy(&r.stdout).contains(&f.id[..8]));
+    // Asked for by name, it is an error naming it; check reports it as damage.
     let r = f.repo.run(&["show", &f.id]);
+    assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("corrupt"));
+    let check = f.repo.run(&["check"]);
+    assert_eq!(check.status.code(), Some(3), "{check:?}");
+    assert!(String::from_utf8_lossy(&check.stdout).contains(&f.id[..8]), "{check:?}");
 }
 
 #[test]

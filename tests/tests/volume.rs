@@ -103,7 +103,7 @@ fn volume_commands_history_rollback_and_retention() {
     let repo = Repo::local(&tmp.path().join("repo"));
     repo.ok(&["init"]);
     let bad = repo.run(&["volume", "create", "../x"]);
-    assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert_eq!(bad.status.code(), Some(2), "a usage error: {}", String::from_utf8_lossy(&bad.stderr));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("may only hold"));
 
     let created = repo.json(&["volume", "create", "data"]);
