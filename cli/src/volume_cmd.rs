@@ -245,14 +245,17 @@ pub async fn mount_rw(
         if busy {
             tracing::warn!("{} is busy; committing its current state", args.mountpoint.display());
         }
-        // A second Ctrl-C must not abandon the commit half-way: it gets its own flag.
+        // After a commit a client asked for (control socket), not beside it: its lock would
+        // make this one fail. A second Ctrl-C must not abandon it half-way: its own flag.
+        let _turn = commits.lock().await;
         Some(rw::commit(&repo, &state_dir, &AtomicBool::new(false)).await)
     } else {
         None
     };
     drop(control);
     let _ = std::fs::remove_file(control::socket(&state_dir));
-    mounted.finish().await?;
+    // The commit's outcome first: a failure to tear down must not hide it.
+    let finished = mounted.finish().await;
     match committed {
         Some(Ok((summary, head))) => report_commit(&summary, &head, json)?,
         Some(Err(e)) => {
@@ -265,6 +268,7 @@ pub async fn mount_rw(
             state_dir.display()
         ),
     }
+    finished?;
     Ok(())
 }
 

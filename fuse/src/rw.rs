@@ -204,6 +204,7 @@ pub async fn mount_rw(
     let guard = lock(state_dir, "mount.lock", "a mount of this state directory")?;
     let repo_id = repo.config().id.clone();
     let head = volume::read(&repo, name).await?.head;
+    let mut new_state = false;
     let state = match VolumeState::load(state_dir)? {
         Some(s) if s.volume != name || s.repo != repo_id => {
             return Err(MountError::Io {
@@ -228,7 +229,9 @@ pub async fn mount_rw(
                 base: head.snapshot,
                 version: head.version,
             };
-            s.store(state_dir)?;
+            // Stored once mounted: a mount that fails must not pin this directory to a
+            // head that others may move before the next attempt.
+            new_state = true;
             s
         }
     };
@@ -261,7 +264,7 @@ pub async fn mount_rw(
         detach(&lower);
     }
     let snap = repo.resolve_snapshot(&state.base.to_hex()).await?.1;
-    let fresh_upper = !upper.exists();
+    let fresh_upper = new_state || !upper.exists();
     for d in [&lower, &upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
     }
@@ -290,6 +293,14 @@ pub async fn mount_rw(
             path: mountpoint.into(),
             source: std::io::Error::other(format!("overlayfs ({options}): {e}")),
         });
+    }
+    if new_state {
+        if let Err(e) = state.store(state_dir) {
+            detach(mountpoint);
+            let _ = lower_mount.unmount();
+            let _ = lower_mount.finish().await;
+            return Err(e);
+        }
     }
     Ok(MountedVolume {
         lower: lower_mount,
