@@ -31,36 +31,39 @@ impl LocalCas {
         f: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
         let _local = self.local.lock().await;
-        let path = self.lock_file.clone();
-        let fail = |e: std::io::Error| object_store::Error::Generic {
-            store: "LocalCas",
-            source: format!("{}: {e}", self.lock_file.display()).into(),
-        };
-        let file =
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(fail)?;
-        // Held only around one compare-and-swap; a holder that stays (stopped with Ctrl-Z, or
-        // hung) must not hang every push and gc of the host without a word.
-        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-        let mut file = file;
-        let guard = loop {
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(guard) => break guard,
-                Err((back, nix::errno::Errno::EWOULDBLOCK)) if tokio::time::Instant::now() < deadline => {
-                    file = back;
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    return Err(fail(std::io::Error::other(format!(
-                        "another process has held this lock for over {} s",
-                        LOCK_WAIT.as_secs()
-                    ))))
-                }
-                Err((_, e)) => return Err(fail(e.into())),
-            }
-        };
+        let guard = take_lock(&self.lock_file).await?;
         let out = f.await;
         drop(guard);
         out
+    }
+}
+
+/// The repository's exclusive lock, waited for up to [`LOCK_WAIT`]: held only around one
+/// compare-and-swap or delete, so a holder that stays (stopped with Ctrl-Z, or hung) must not
+/// hang every push and gc of the host without a word.
+async fn take_lock(path: &std::path::Path) -> object_store::Result<nix::fcntl::Flock<std::fs::File>> {
+    let fail = |e: std::io::Error| object_store::Error::Generic {
+        store: "LocalCas",
+        source: format!("{}: {e}", path.display()).into(),
+    };
+    let mut file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(fail)?;
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(guard) => return Ok(guard),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if tokio::time::Instant::now() < deadline => {
+                file = back;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(fail(std::io::Error::other(format!(
+                    "another process has held this lock for over {} s",
+                    LOCK_WAIT.as_secs()
+                ))))
+            }
+            Err((_, e)) => return Err(fail(e.into())),
+        }
     }
 }
 
@@ -108,12 +111,63 @@ object_store_changing_puts!(LocalCas {
             }
         }
     }
+} deletes {
+    /// Under the lock too: a delete between a compare-and-swap's ETag check and its write
+    /// would be undone by that write (a deleted volume head coming back), where S3 refuses
+    /// the write instead.
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+        use futures::StreamExt;
+        let (inner, lock) = (self.inner.clone(), self.lock_file.clone());
+        locations
+            .then(move |location| {
+                let (inner, lock) = (inner.clone(), lock.clone());
+                async move {
+                    let location = location?;
+                    let _guard = take_lock(&lock).await?;
+                    inner.delete(&location).await?;
+                    Ok(location)
+                }
+            })
+            .boxed()
+    }
 });
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use object_store::UpdateVersion;
+
+    /// A delete waits for a compare-and-swap in progress (here: another process's lock), so
+    /// it cannot fall between the ETag check and the write that would undo it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deletes_wait_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let store = Arc::new(LocalCas::new(Arc::new(local), dir.path()));
+        let path = Path::from("head");
+        store.put(&path, "v0".into()).await.unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.path().join(".cairn-cas.lock"))
+            .unwrap();
+        let held =
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
+        let deleting = tokio::spawn({
+            let (store, path) = (store.clone(), path.clone());
+            async move { store.delete(&path).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!deleting.is_finished(), "deleted while another process held the lock");
+        assert!(store.head(&path).await.is_ok());
+        drop(held);
+        deleting.await.unwrap().unwrap();
+        assert!(matches!(store.head(&path).await, Err(object_store::Error::NotFound { .. })));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exactly_one_of_racing_updates_wins() {

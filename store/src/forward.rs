@@ -3,12 +3,25 @@
 //! straight to its `inner` store.
 
 /// `object_store_changing_puts!(Wrapper { async fn put_opts(...) {...} })` implements
-/// `ObjectStore` for `Wrapper`, which must have an `inner` field holding an `ObjectStore`.
+/// `ObjectStore` for `Wrapper`, which must have an `inner` field holding an `ObjectStore`;
+/// `... } deletes { fn delete_stream(...) {...} })` replaces how it deletes too.
 macro_rules! object_store_changing_puts {
     ($wrapper:ty { $($put_opts:tt)* }) => {
+        object_store_changing_puts!($wrapper { $($put_opts)* } deletes {
+            fn delete_stream(
+                &self,
+                locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+            ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+                self.inner.delete_stream(locations)
+            }
+        });
+    };
+    // With its own `delete_stream` as well.
+    ($wrapper:ty { $($put_opts:tt)* } deletes { $($deletes:tt)* }) => {
         #[async_trait::async_trait]
         impl object_store::ObjectStore for $wrapper {
             $($put_opts)*
+            $($deletes)*
 
             async fn put_multipart_opts(
                 &self,
@@ -32,13 +45,6 @@ macro_rules! object_store_changing_puts {
                 ranges: &[std::ops::Range<u64>],
             ) -> object_store::Result<Vec<bytes::Bytes>> {
                 self.inner.get_ranges(location, ranges).await
-            }
-
-            fn delete_stream(
-                &self,
-                locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
-            ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
-                self.inner.delete_stream(locations)
             }
 
             fn list(
