@@ -389,7 +389,9 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             let summary = result.with_context(|| format!("pushing {}", path.display()))?;
             let s = &summary.stats;
             if cli.json {
+                // The JSON says it all; the text summary is for terminals and logs.
                 print_json(&summary)?;
+                return Ok(0);
             }
             eprintln!(
                 "pushed {} files, {} dirs, {} other; {} logical, {} read ({} files unchanged)\n\
@@ -419,9 +421,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
                 bytes(summary.requests.bytes_up),
                 summary.seconds,
             );
-            if !cli.json {
-                outln!("{}", summary.snapshot)?;
-            }
+            outln!("{}", summary.snapshot)?;
         }
         Command::Snapshots => {
             let repo = open(&cli).await?;

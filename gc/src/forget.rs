@@ -37,6 +37,9 @@ pub struct ForgetReport {
     pub requests: RequestStats,
 }
 
+/// How long the first version of a volume without a head is taken for a create in flight.
+const CREATE_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) -> Result<ForgetReport> {
     let before = repo.requests();
     let in_scope: Vec<_> = repo
@@ -77,6 +80,18 @@ pub async fn forget(repo: &Repository, opts: &ForgetOptions, now: SystemTime) ->
                 d.keep = true;
                 d.reasons.insert(0, format!("volume {name} commit in flight"));
             }
+            // The first version of a volume whose head is not there yet: a create in flight
+            // writes its root, then the head. Left to the next forget unless it is old; a
+            // purge of an earlier volume of that name would otherwise take it from under the
+            // create. (By this host's clock; a wrong clock only keeps it longer or, when the
+            // purge and the create meet, loses the race as before.)
+            let fresh = by_id
+                .get(&d.id)
+                .is_some_and(|s| now.duration_since(s.time()).map_or(true, |age| age < CREATE_GRACE));
+            if v == 1 && fresh && !heads.iter().any(|h| h.id == vid) {
+                d.keep = true;
+                d.reasons.insert(0, format!("volume {name} create in flight"));
+            }
         }
     }
     let mut removed = 0;
@@ -102,5 +117,36 @@ async fn delete(repo: &Repository, name: &str) -> Result<()> {
     match repo.store().delete(&ObjectPath::from(name)).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(Error::store(name, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_store::format::config::Chunking;
+
+    /// `volume create` writes the first version's root, then the head. A purge of an
+    /// earlier volume of that name meeting it in between must not take the root.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volume_create_in_flight_survives_a_purge() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = Repository::init("memory://", Chunking::default(), None, tmp.path()).await.unwrap();
+        let head = cairn_store::volume::create(&repo, "v", None).await.unwrap();
+        // The moment between the root and the head: no head yet.
+        repo.store().delete(&ObjectPath::from(volume::object_name("v"))).await.unwrap();
+        let purge = ForgetOptions {
+            policy: Policy { keep_last: Some(0), ..Default::default() },
+            volume: Some("v".into()),
+            dry_run: true,
+            ..Default::default()
+        };
+        let now = SystemTime::now();
+        let report = forget(&repo, &purge, now).await.unwrap();
+        assert_eq!(report.removed, 0, "{report:?}");
+        assert!(report.decisions[0].reasons[0].contains("create in flight"), "{report:?}");
+        // An hour later it is a leftover of a create that never finished: purged.
+        let later = forget(&repo, &purge, now + std::time::Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(later.removed, 1, "{later:?}");
+        assert_eq!(later.decisions[0].id, head.snapshot);
     }
 }
