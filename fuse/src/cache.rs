@@ -570,6 +570,11 @@ fn decode_record(v: &[u8]) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
+    /// A 1 MiB cache with no free-space floor.
+    fn mib_cache(dir: &Path) -> CacheConfig {
+        CacheConfig { dir: dir.into(), max_bytes: 1 << 20, min_free_bytes: 0 }
+    }
+
     fn disk_usage(dir: &Path) -> u64 {
         let mut total = 0;
         for sub in std::fs::read_dir(dir.join("data")).unwrap() {
@@ -622,9 +627,7 @@ mod tests {
     #[test]
     fn damaged_file_is_a_miss_not_wrong_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let cache =
-            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
-                .unwrap();
+        let cache = ChunkCache::open(mib_cache(dir.path())).unwrap();
         let (id, bytes) = chunk(1, 5000);
         cache.insert(&id, &bytes);
         std::fs::write(cache.path_of(&id), b"not the chunk").unwrap();
@@ -637,7 +640,7 @@ mod tests {
     #[test]
     fn lowered_cap_is_enforced_when_opened() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let mut cfg = mib_cache(dir.path());
         let cache = ChunkCache::open(cfg.clone()).unwrap();
         let chunks: Vec<_> = (0..40).map(|i| chunk(i, 20_000)).collect();
         for (id, bytes) in &chunks {
@@ -665,9 +668,7 @@ mod tests {
     #[test]
     fn damaged_file_is_removed_but_a_newer_insert_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        let cache =
-            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
-                .unwrap();
+        let cache = ChunkCache::open(mib_cache(dir.path())).unwrap();
         let (id, bytes) = chunk(1, 5000);
         cache.insert(&id, &bytes);
         std::fs::write(cache.path_of(&id), b"not the chunk").unwrap();
@@ -689,9 +690,7 @@ mod tests {
     #[test]
     fn unreadable_file_is_a_miss_but_stays_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let cache =
-            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
-                .unwrap();
+        let cache = ChunkCache::open(mib_cache(dir.path())).unwrap();
         let (id, bytes) = chunk(1, 5000);
         cache.insert(&id, &bytes);
         let used = cache.stats().used_bytes;
@@ -711,9 +710,7 @@ mod tests {
     #[test]
     fn failed_write_leaves_nothing_and_missing_tmp_is_recreated() {
         let dir = tempfile::tempdir().unwrap();
-        let cache =
-            ChunkCache::open(CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 })
-                .unwrap();
+        let cache = ChunkCache::open(mib_cache(dir.path())).unwrap();
         let tmp_entries = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
         // A non-empty directory where the file should go makes the rename fail.
         let (id, bytes) = chunk(1, 5000);
@@ -732,7 +729,7 @@ mod tests {
     #[test]
     fn unreachable_free_space_floor_evicts_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let mut cfg = mib_cache(dir.path());
         let cache = ChunkCache::open(cfg.clone()).unwrap();
         let chunks: Vec<_> = (0..10).map(|i| chunk(i, 20_000)).collect();
         for (id, bytes) in &chunks {
@@ -755,7 +752,7 @@ mod tests {
     #[test]
     fn second_process_reads_but_does_not_fill() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let cfg = mib_cache(dir.path());
         let owner = ChunkCache::open(cfg.clone()).unwrap();
         let (id, bytes) = chunk(1, 5000);
         owner.insert(&id, &bytes);
@@ -771,7 +768,7 @@ mod tests {
     #[test]
     fn ownership_passes_on_when_the_owner_goes() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let cfg = mib_cache(dir.path());
         let owner = ChunkCache::open(cfg.clone()).unwrap();
         assert!(owner.is_owner());
         let (id, bytes) = chunk(1, 5000);
@@ -795,7 +792,7 @@ mod tests {
     #[test]
     fn unreadable_bookkeeping_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = CacheConfig { dir: dir.path().into(), max_bytes: 1 << 20, min_free_bytes: 0 };
+        let cfg = mib_cache(dir.path());
         let cache = ChunkCache::open(cfg.clone()).unwrap();
         let (id, bytes) = chunk(1, 5000);
         cache.insert(&id, &bytes);

@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use cairn_store::backend::RequestStats;
-use cairn_store::format::index::{
-    self, IndexSegment, IndexedPack, SegmentReader, SegmentWriter, MAX_CHUNKS_PER_SEGMENT,
-};
+use cairn_store::format::index::{self, IndexSegment, IndexedPack, SegmentWriter, MAX_CHUNKS_PER_SEGMENT};
 use cairn_store::format::lease::{GcState, Lease, LeaseState, GC_STATE};
 use cairn_store::format::pack::{self, PackBuilder, PackKind};
 use cairn_store::format::snapshot::{self, Snapshot};
@@ -134,20 +132,11 @@ async fn segment_ids(repo: &Repository) -> Result<Vec<Id>> {
     Ok(segments)
 }
 
-async fn read_segment(repo: &Repository, id: &Id) -> Result<SegmentReader> {
-    let name = index::object_name(id);
-    let bytes = repo.get(&name).await?;
-    if Id::of(&bytes) != *id {
-        return Err(Error::corrupt(&name, "content does not match its id"));
-    }
-    SegmentReader::open(&bytes, &name)
-}
-
 async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> Result<IndexView> {
     let segments = segment_ids(repo).await?;
     let mut packs: HashMap<PackId, PackUse> = HashMap::new();
     for id in &segments {
-        for p in read_segment(repo, id).await? {
+        for p in repo.read_segment(id).await? {
             let p = p?;
             if packs.contains_key(&p.id) {
                 continue;
@@ -689,7 +678,7 @@ async fn compact_index(
     let mut emitted: HashSet<PackId> = HashSet::new();
     let mut written = HashSet::new();
     for old in segments {
-        for p in read_segment(repo, old).await? {
+        for p in repo.read_segment(old).await? {
             let p = p?;
             if condemned.contains(&p.id) || !emitted.insert(p.id) {
                 continue;

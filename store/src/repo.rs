@@ -198,13 +198,7 @@ impl Repository {
             let units =
                 sizes.get(&id).copied().unwrap_or(0).div_ceil(UNIT).clamp(1, SEGMENT_BYTES_IN_FLIGHT / UNIT);
             let _permit = budget.acquire_many(units as u32).await.map_err(|e| Error::Usage(e.to_string()))?;
-            let name = index::object_name(&id);
-            let bytes = self.get(&name).await?;
-            if Id::of(&bytes) != id {
-                return Err(Error::corrupt(&name, "content does not match its id"));
-            }
-            let packs = SegmentReader::open(&bytes, &name)?;
-            drop(bytes);
+            let packs = self.read_segment(&id).await?;
             // Ingested a pack at a time while the permit is held: the budget covers the
             // decoded segment too.
             self.cache.ingest(&id, packs)
@@ -214,6 +208,17 @@ impl Repository {
             done?;
         }
         Ok(())
+    }
+
+    /// An index segment from the bucket, checked against its name, to be read a pack at a
+    /// time.
+    pub async fn read_segment(&self, id: &Id) -> Result<SegmentReader> {
+        let name = index::object_name(id);
+        let bytes = self.get(&name).await?;
+        if Id::of(&bytes) != *id {
+            return Err(Error::corrupt(&name, "content does not match its id"));
+        }
+        SegmentReader::open(&bytes, &name)
     }
 
     pub fn locate(&self, id: &ChunkId) -> Result<Location> {

@@ -270,15 +270,17 @@ mod tests {
     use crate::format::config::Chunking;
     use crate::id::Id;
 
+    async fn local_repo(dir: &std::path::Path) -> Repository {
+        let url = dir.join("repo");
+        Repository::init(url.to_str().unwrap(), Chunking::default(), None, &dir.join("c")).await.unwrap()
+    }
+
     /// A push larger than a segment indexes as it goes: its early chunks are in the chunk
     /// index before it ends, and their claims are gone, so memory does not grow with it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_long_push_indexes_as_it_goes_and_drops_its_claims() {
         let tmp = tempfile::tempdir().unwrap();
-        let url = tmp.path().join("repo");
-        let repo = Repository::init(url.to_str().unwrap(), Chunking::default(), None, &tmp.path().join("c"))
-            .await
-            .unwrap();
+        let repo = local_repo(tmp.path()).await;
         let uploaded = Uploaded::default();
         let (tx, rx) = channel();
         let uploads = tokio::spawn(upload_all(repo.store().clone(), rx, uploaded.clone()));
@@ -324,10 +326,7 @@ mod tests {
         use crate::format::lease::{Lease, LeaseState};
         use object_store::ObjectStoreExt;
         let tmp = tempfile::tempdir().unwrap();
-        let url = tmp.path().join("repo");
-        let repo = Repository::init(url.to_str().unwrap(), Chunking::default(), None, &tmp.path().join("c"))
-            .await
-            .unwrap();
+        let repo = local_repo(tmp.path()).await;
         let lease = WriterLease::acquire(repo.store().clone(), "test").await.unwrap();
         let path = object_store::path::Path::from(lease.name());
         let bytes = repo.store().get(&path).await.unwrap().bytes().await.unwrap();
