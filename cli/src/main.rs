@@ -609,7 +609,10 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             gc_cmd::forget(&repo, args, cli.json).await?;
         }
         Command::Gc(args) => {
-            let repo = open(&cli).await?;
+            // GC reads the index from the bucket as it goes: no local cache, no RocksDB.
+            let url = repo_url(&cli)?;
+            let repo =
+                Repository::open_bare(&url).await.with_context(|| format!("opening repository {url}"))?;
             gc_cmd::gc(&repo, args, cli.json).await?;
         }
         Command::Mount(args) if args.rw => {

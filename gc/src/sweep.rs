@@ -20,7 +20,6 @@ use cairn_store::format::index::{self, IndexSegment, IndexedPack, SegmentWriter,
 use cairn_store::format::lease::{GcState, Lease, LeaseState, GC_STATE};
 use cairn_store::format::pack::{self, PackBuilder, PackKind};
 use cairn_store::format::snapshot::{self, Snapshot};
-use cairn_store::format::tree::{Content, Node, NodeKind, Tree};
 use cairn_store::lease::read_gc_state;
 use cairn_store::{Error, Id, PackId, Repository, Result};
 use object_store::path::Path as ObjectPath;
@@ -28,8 +27,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use serde::Serialize;
 
 use crate::liveset::LiveSet;
+use crate::mark::{mark, MetaIndex};
 
-/// An index of more segments than this is compacted even when nothing is deleted.
+/// An index of this many segments more than a compaction would leave is compacted even when
+/// nothing is deleted.
 const COMPACT_ABOVE_SEGMENTS: usize = 64;
 
 #[derive(Clone, Debug)]
@@ -136,21 +137,22 @@ async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> 
     let segments = segment_ids(repo).await?;
     let mut packs: HashMap<PackId, PackUse> = HashMap::new();
     for id in &segments {
-        for p in repo.read_segment(id).await? {
-            let p = p?;
-            if packs.contains_key(&p.id) {
-                continue;
+        let mut reader = repo.read_segment(id).await?;
+        while let Some(head) = reader.next_head()? {
+            if packs.contains_key(&head.id) {
+                continue; // indexed twice: counted once
             }
-            let mut u = PackUse { len: p.len, ..Default::default() };
-            for c in &p.chunks {
+            let mut u = PackUse { len: head.len, ..Default::default() };
+            while let Some(c) = reader.next_entry()? {
                 u.chunk_bytes += c.stored_len as u64;
                 if live.contains(&c.id) {
                     u.live_bytes += c.stored_len as u64;
                     u.needed |= !copied.contains(&c.id);
                 }
             }
-            packs.insert(p.id, u);
+            packs.insert(head.id, u);
         }
+        reader.supersedes()?;
     }
     Ok(IndexView { segments, packs })
 }
@@ -180,8 +182,8 @@ async fn repack(
         fa.total_cmp(&fb).then(a.0.cmp(b.0))
     });
     let pack_size = repo.config().pack_size as usize;
-    let mut builders =
-        [PackBuilder::new(PackKind::Data, pack_size), PackBuilder::new(PackKind::Meta, pack_size)];
+    // Made on first use: each reserves a whole pack.
+    let mut builders: [Option<PackBuilder>; 2] = [None, None];
     let mut segment = IndexSegment::default();
     let mut budget = opts.max_repack;
     for (pack_id, u) in candidates {
@@ -202,16 +204,18 @@ async fn repack(
                 tracing::error!("not repacking {}: {err}", e.id);
                 continue;
             }
-            builders[slot].add(e.id, e.raw_len, e.codec, stored);
+            let builder = builders[slot].get_or_insert_with(|| PackBuilder::new(kind, pack_size));
+            builder.add(e.id, e.raw_len, e.codec, stored);
             copied.insert(e.id);
-            if builders[slot].len() >= pack_size {
-                let full = std::mem::replace(&mut builders[slot], PackBuilder::new(kind, pack_size));
-                store_pack(repo, full, &mut segment, report).await?;
+            if builder.len() >= pack_size {
+                if let Some(full) = builders[slot].take() {
+                    store_pack(repo, full, &mut segment, report).await?;
+                }
             }
         }
         report.packs_repacked += 1;
     }
-    for b in builders {
+    for b in builders.into_iter().flatten() {
         if !b.is_empty() {
             store_pack(repo, b, &mut segment, report).await?;
         }
@@ -246,61 +250,6 @@ async fn list_packs(repo: &Repository) -> Result<HashMap<PackId, u64>> {
         .into_iter()
         .filter_map(|(n, size)| n.rsplit('/').next().and_then(|h| h.parse().ok()).map(|id| (id, size)))
         .collect())
-}
-
-/// Mark every chunk a snapshot references: trees, chunk lists and data. Subtrees already
-/// marked (shared with an earlier snapshot) are not walked again. Files are marked as their
-/// directory is decoded, so only directories wait on the stack, not every file's extents.
-async fn mark(repo: &Repository, snap: &Snapshot, live: &mut LiveSet) -> Result<()> {
-    // Its trees in a few whole-pack reads rather than one read per directory.
-    repo.preload_meta(&snap.meta_packs, 64 << 20).await?;
-    let mut dirs = Vec::new();
-    mark_nodes(repo, std::slice::from_ref(&snap.root), live, &mut dirs).await?;
-    while let Some(tree) = dirs.pop() {
-        match repo.read_tree(&tree).await? {
-            Tree::Leaf(nodes) => mark_nodes(repo, &nodes, live, &mut dirs).await?,
-            Tree::Pages(pages) => {
-                for p in pages {
-                    live.insert(&p.id);
-                    match repo.read_tree(&p.id).await? {
-                        Tree::Leaf(nodes) => mark_nodes(repo, &nodes, live, &mut dirs).await?,
-                        Tree::Pages(_) => {
-                            return Err(Error::corrupt(format!("tree {}", p.id), "nested pages"))
-                        }
-                    }
-                }
-            }
-        }
-    }
-    repo.drop_preloaded();
-    Ok(())
-}
-
-/// Mark the nodes' own chunks; directories not marked before go on `dirs` to be walked.
-#[allow(clippy::collapsible_match)] // marking a tree in a match guard would hide its side effect
-async fn mark_nodes(repo: &Repository, nodes: &[Node], live: &mut LiveSet, dirs: &mut Vec<Id>) -> Result<()> {
-    for node in nodes {
-        match &node.kind {
-            NodeKind::Dir { tree } => {
-                if live.insert_tree(tree) {
-                    dirs.push(*tree);
-                }
-            }
-            NodeKind::File { content: Content::Extents(extents), .. } => {
-                extents.iter().filter_map(|e| e.chunk.as_ref()).for_each(|c| live.insert(c));
-            }
-            NodeKind::File { content: content @ Content::Lists(pages), .. } => {
-                pages.iter().for_each(|p| live.insert(&p.id));
-                for e in repo.extents(content).await? {
-                    if let Some(c) = e.chunk {
-                        live.insert(&c);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 struct LeaseEntry {
@@ -467,8 +416,10 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let heads = cairn_store::volume::list(repo).await?;
     let leases = read_leases(repo).await?;
     let listed = list_packs(repo).await?;
-    repo.sync_index().await?;
     let roots = committed(repo, &leases).await?;
+    // Listed after the roots: a root's chunks were indexed before it was committed.
+    let mut meta = MetaIndex::default();
+    meta.update(repo, &segment_ids(repo).await?).await?;
     for h in &heads {
         if !roots.iter().any(|(id, _)| *id == h.snapshot) {
             // The head may have moved on and its old snapshot been forgotten since we read it.
@@ -483,11 +434,11 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
             ));
         }
     }
-    let mut live = LiveSet::default();
+    let mut live = LiveSet::with_capacity(meta.indexed());
     for (_, snap) in &roots {
-        mark(repo, snap, &mut live).await?;
+        mark(repo, &meta, snap, &mut live).await?;
     }
-    live.seal();
+    live.seal_for_lookups();
     let mut copied: HashSet<Id> = HashSet::new();
     let mut protected: HashSet<PackId> = HashSet::new();
     let mut view = read_index(repo, &live, &copied).await?;
@@ -587,15 +538,26 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     phases.done("wait for writers");
 
     // 4. Mark again: snapshots committed meanwhile may use chunks of condemned packs.
-    repo.sync_index().await?;
-    for (id, snap) in committed(repo, &final_leases).await? {
+    let now_committed = committed(repo, &final_leases).await?;
+    let segments_now = segment_ids(repo).await?;
+    let indexed_before = meta.indexed();
+    meta.update(repo, &segments_now).await?;
+    let indexed = meta.indexed();
+    live.reserve(indexed - indexed_before);
+    let mut marked_more = false;
+    for (id, snap) in now_committed {
         if !roots.iter().any(|(r, _)| *r == id) {
-            mark(repo, &snap, &mut live).await?;
+            mark(repo, &meta, &snap, &mut live).await?;
             report.snapshots += 1;
+            marked_more = true;
         }
     }
-    live.seal();
-    let view = read_index(repo, &live, &copied).await?;
+    // Same marks and the same (immutable) segments give the same view: reading the whole
+    // index again is needed only when something was committed or indexed meanwhile.
+    if marked_more || segments_now != view.segments {
+        live.seal_for_lookups();
+        view = read_index(repo, &live, &copied).await?;
+    }
     let before_take_back = condemned.len();
     condemned.retain(|p| !view.needed(p) && !protected.contains(p));
     report.packs_taken_back = before_take_back - condemned.len();
@@ -605,7 +567,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     }
     report.live_chunks = live.len();
     // Decided: the rest works from the condemned set, and this is the run's largest allocation.
-    drop(live);
+    drop((live, meta));
     phases.done("mark again");
 
     // Roll committed leases forward: their roots become ordinary snapshots.
@@ -626,7 +588,11 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     // (only unindexed leftovers of dead pushes, or nothing) and is not fragmented: a rewrite
     // would only make every host rebuild its chunk index.
     let names_condemned = condemned.iter().any(|p| view.packs.contains_key(p));
-    if !names_condemned && report.packs_repacked == 0 && view.segments.len() <= COMPACT_ABOVE_SEGMENTS {
+    let compacted = indexed.div_ceil(MAX_CHUNKS_PER_SEGMENT);
+    if !names_condemned
+        && report.packs_repacked == 0
+        && view.segments.len() <= compacted + COMPACT_ABOVE_SEGMENTS
+    {
         phases.done("compact index (not needed)");
     } else {
         compact_index(repo, &view.segments, &condemned, &mut claim, &mut gc_state, &mut report).await?;
@@ -672,30 +638,34 @@ async fn compact_index(
     report: &mut GcReport,
 ) -> Result<()> {
     let store = repo.store().clone();
-    // Packs pass through encoded: a full segment is about 12 MB decoded.
     let fresh = || SegmentWriter::new(segments.to_vec());
     let mut seg = fresh();
     let mut emitted: HashSet<PackId> = HashSet::new();
     let mut written = HashSet::new();
     for old in segments {
-        for p in repo.read_segment(old).await? {
-            let p = p?;
-            if condemned.contains(&p.id) || !emitted.insert(p.id) {
+        let mut reader = repo.read_segment(old).await?;
+        while let Some(head) = reader.next_head()? {
+            if condemned.contains(&head.id) || !emitted.insert(head.id) {
                 continue;
             }
-            if seg.chunk_count() + p.chunks.len() > MAX_CHUNKS_PER_SEGMENT && !seg.is_empty() {
-                let (id, bytes) = std::mem::replace(&mut seg, fresh()).finish();
+            if seg.chunk_count() + head.chunks > MAX_CHUNKS_PER_SEGMENT && !seg.is_empty() {
+                let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
                 claim.renew(store.as_ref(), state).await?;
-                repo.put(&index::object_name(&id), bytes).await?;
+                repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
                 written.insert(id);
             }
-            seg.push(&p);
+            // Entries pass through one at a time: a pack of tiny chunks lists 100,000.
+            seg.begin_pack(&head);
+            while let Some(e) = reader.next_entry()? {
+                seg.entry(&e);
+            }
         }
+        reader.supersedes()?;
     }
     if !seg.is_empty() || written.is_empty() {
-        let (id, bytes) = seg.finish();
+        let (id, parts) = seg.finish();
         claim.renew(store.as_ref(), state).await?;
-        repo.put(&index::object_name(&id), bytes).await?;
+        repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
         written.insert(id);
     }
     report.segments_written = written.len();

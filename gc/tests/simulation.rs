@@ -329,7 +329,7 @@ async fn write_snapshot(
     let result = async {
         repo.sync_index().await?;
         let known = |id: &Id| -> cairn_store::Result<bool> {
-            Ok(repo.cache().chunk(id)?.is_some_and(|l| !lease.condemned().contains(&l.pack)))
+            Ok(repo.cache()?.chunk(id)?.is_some_and(|l| !lease.condemned().contains(&l.pack)))
         };
         let mut data = PackBuilder::new(PackKind::Data, 1 << 16);
         let mut added = HashSet::new();
@@ -548,7 +548,10 @@ fn run_world(
         let opts =
             GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
         ACTOR.scope(usize::MAX - 1, async { gc(&repo, &opts).await.map_err(|e| e.to_string()) }).await?;
-        // Whatever is committed is readable through the index, and nothing dead is left.
+        // Whatever is committed is readable through the index, and nothing dead is left. Read
+        // as the next process would: GC reads the index from the bucket and leaves the local
+        // chunk index of its handle as it was, naming packs it repacked and deleted.
+        let repo = Repository::open_on(store.clone(), "sim://", &tmp.path().join("check")).await.unwrap();
         for (id, snap) in repo.snapshots().await.map_err(|e| e.to_string())? {
             let mut stack = vec![snap.root.clone()];
             while let Some(n) = stack.pop() {

@@ -136,7 +136,7 @@ impl LocalCache {
 
     /// Record a segment's chunks, then the segment itself: a crash in between leaves extra
     /// (correct) chunk entries and a segment that is read again. Written in bounded batches,
-    /// so a 250,000-chunk segment does not need a 20 MB batch in memory.
+    /// so a full segment does not need a batch of its size in memory.
     pub fn ingest<P: Borrow<IndexedPack>>(
         &self,
         segment: &Id,

@@ -27,8 +27,8 @@ const FETCH_CONCURRENCY: usize = 16;
 /// At most this many index segments are fetched at once (see SEGMENT_BYTES_IN_FLIGHT).
 const SEGMENT_CONCURRENCY: usize = 8;
 /// Index segments being fetched and decoded at once, by stored size: many small segments
-/// (one per push) go in parallel, big ones (GC-compacted, 250,000 chunks, about 7 MB stored
-/// and 30 MB decoded) about two at a time, which bounds memory for a 10M-chunk index.
+/// (one per push) go in parallel, full ones (100,000 chunks, about 3.4 MB stored; decoded a
+/// window at a time) a few at a time, which bounds memory for a 10M-chunk index.
 const SEGMENT_BYTES_IN_FLIGHT: u64 = 16 << 20;
 
 pub struct Repository {
@@ -36,7 +36,8 @@ pub struct Repository {
     counters: Arc<Counters>,
     config: Config,
     url: String,
-    cache: LocalCache,
+    /// None when opened with [`Repository::open_bare`].
+    cache: Option<LocalCache>,
     /// Metadata chunks fetched ahead by [`Repository::preload_meta`], already verified.
     meta: std::sync::RwLock<HashMap<ChunkId, Arc<Vec<u8>>>>,
 }
@@ -90,7 +91,7 @@ impl Repository {
             }
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         }
-        let cache = LocalCache::open(cache_root, &config.id)?;
+        let cache = Some(LocalCache::open(cache_root, &config.id)?);
         Ok(Repository { store, counters, config, url: url.into(), cache, meta: Default::default() })
     }
 
@@ -100,6 +101,21 @@ impl Repository {
     }
 
     pub async fn open_on(inner: Arc<dyn ObjectStore>, url: &str, cache_root: &Path) -> Result<Repository> {
+        let mut repo = Self::open_bare_on(inner, url).await?;
+        repo.cache = Some(LocalCache::open(cache_root, &repo.config.id)?);
+        repo.sync_index().await?;
+        Ok(repo)
+    }
+
+    /// Open an existing repository without its local cache: no chunk index, no cached
+    /// snapshot roots, every read goes to the bucket. For work that must see exactly what the
+    /// bucket holds and finds its chunks itself (GC reads the index segments as it goes), and
+    /// must not pay for RocksDB's memory or for bringing the chunk index up to date.
+    pub async fn open_bare(url: &str) -> Result<Repository> {
+        Self::open_bare_on(backend::open_url(url, false)?, url).await
+    }
+
+    pub async fn open_bare_on(inner: Arc<dyn ObjectStore>, url: &str) -> Result<Repository> {
         let counting = CountingStore::new(inner);
         let counters = counting.counters();
         let store: Arc<dyn ObjectStore> = Arc::new(counting);
@@ -109,10 +125,7 @@ impl Repository {
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         };
         let config = Config::decode(&bytes)?;
-        let cache = LocalCache::open(cache_root, &config.id)?;
-        let repo = Repository { store, counters, config, url: url.into(), cache, meta: Default::default() };
-        repo.sync_index().await?;
-        Ok(repo)
+        Ok(Repository { store, counters, config, url: url.into(), cache: None, meta: Default::default() })
     }
 
     pub fn config(&self) -> &Config {
@@ -127,8 +140,11 @@ impl Repository {
         self.counters.stats()
     }
 
-    pub fn cache(&self) -> &LocalCache {
-        &self.cache
+    /// The local cache; an error for a repository opened with [`Repository::open_bare`].
+    pub fn cache(&self) -> Result<&LocalCache> {
+        self.cache.as_ref().ok_or_else(|| {
+            Error::Usage("this needs the local cache, and the repository was opened without it".into())
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -140,8 +156,8 @@ impl Repository {
         r.bytes().await.map_err(|e| Error::store(name, e))
     }
 
-    pub async fn put(&self, name: &str, bytes: impl Into<Bytes>) -> Result<()> {
-        let payload = PutPayload::from(bytes.into());
+    pub async fn put(&self, name: &str, bytes: impl Into<PutPayload>) -> Result<()> {
+        let payload = bytes.into();
         self.store.put(&ObjectPath::from(name), payload).await.map_err(|e| Error::store(name, e))?;
         Ok(())
     }
@@ -181,10 +197,11 @@ impl Repository {
             .filter_map(|(name, size)| Some((name.strip_prefix("index/")?.parse().ok()?, size)))
             .collect();
         let listed: HashSet<Id> = sizes.keys().copied().collect();
-        let mut known = self.cache.segments()?;
+        let cache = self.cache()?;
+        let mut known = cache.segments()?;
         if !known.is_subset(&listed) {
             tracing::info!("index segments were removed from the bucket; rebuilding the chunk index");
-            self.cache.reset_index()?;
+            cache.reset_index()?;
             known.clear();
         }
         let missing: Vec<Id> = listed.difference(&known).copied().collect();
@@ -201,7 +218,7 @@ impl Repository {
             let packs = self.read_segment(&id).await?;
             // Ingested a pack at a time while the permit is held: the budget covers the
             // decoded segment too.
-            self.cache.ingest(&id, packs)
+            cache.ingest(&id, packs)
         }))
         .buffer_unordered(SEGMENT_CONCURRENCY);
         while let Some(done) = fetches.next().await {
@@ -218,15 +235,15 @@ impl Repository {
         if Id::of(&bytes) != *id {
             return Err(Error::corrupt(&name, "content does not match its id"));
         }
-        SegmentReader::open(&bytes, &name)
+        SegmentReader::open(bytes, &name)
     }
 
     pub fn locate(&self, id: &ChunkId) -> Result<Location> {
-        self.cache.chunk(id)?.ok_or(Error::MissingChunk(*id))
+        self.cache()?.chunk(id)?.ok_or(Error::MissingChunk(*id))
     }
 
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.cache.chunk(id)?.is_some())
+        Ok(self.cache()?.chunk(id)?.is_some())
     }
 
     /// Fetch whole metadata packs (a snapshot's `meta_packs`) in parallel, so walking its
@@ -438,7 +455,7 @@ impl Repository {
     /// (roots never change), else from the bucket. Listing snapshots so costs one LIST, not
     /// one GET per snapshot.
     pub async fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
-        if let Some(bytes) = self.cache.snapshot_root(id)? {
+        if let Some(bytes) = self.cache.as_ref().map(|c| c.snapshot_root(id)).transpose()?.flatten() {
             if let Ok(snap) = Snapshot::decode(&bytes, id) {
                 return Ok(snap);
             }
@@ -450,7 +467,9 @@ impl Repository {
     pub async fn fetch_snapshot(&self, id: &Id) -> Result<Snapshot> {
         let bytes = self.get(&snapshot::object_name(id)).await?;
         let snap = Snapshot::decode(&bytes, id)?;
-        self.cache.put_snapshot_root(id, &bytes)?;
+        if let Some(cache) = &self.cache {
+            cache.put_snapshot_root(id, &bytes)?;
+        }
         Ok(snap)
     }
 

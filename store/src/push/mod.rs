@@ -188,7 +188,7 @@ async fn push_under_lease(
     let started_ns =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
     let walker = Walker {
-        cache: repo.cache(),
+        cache: repo.cache()?,
         packer: &packer,
         chunker,
         use_file_cache: parent.is_some(),

@@ -206,7 +206,7 @@ pub async fn index_packs(repo: &Repository, lease: &WriterLease, packs: Vec<Inde
             let (id, bytes) = seg.encode();
             lease.heartbeat().await?;
             repo.put(&index::object_name(&id), bytes).await?;
-            repo.cache().ingest(&id, seg.packs.iter().map(Ok))?;
+            repo.cache()?.ingest(&id, seg.packs.iter().map(Ok))?;
         }
     }
     Ok(done)

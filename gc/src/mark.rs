@@ -1,0 +1,168 @@
+//! Marking: every chunk a snapshot references, read straight from the bucket.
+//!
+//! GC needs no local chunk index. [`MetaIndex`] keeps where the metadata chunks (tree pages and
+//! chunk lists, a small fraction of all chunks) are, taken from the index segments' metadata
+//! packs; data chunks are only ever looked up in the [`LiveSet`]. Trees are read in batches
+//! of ranged reads grouped by pack, and each page is decoded, marked and dropped: memory holds
+//! one batch, never a snapshot's whole metadata.
+
+use std::collections::{HashMap, HashSet};
+
+use cairn_store::format::pack::{PackEntry, PackKind};
+use cairn_store::format::snapshot::Snapshot;
+use cairn_store::format::tree::{self, Content, ListPage, Node, NodeKind, Tree};
+use cairn_store::{Error, Id, PackId, Repository, Result};
+use futures::StreamExt;
+
+use crate::liveset::LiveSet;
+
+/// Plain bytes of metadata read per batch: bounds what marking holds at once.
+const BATCH_BYTES: u64 = 2 << 20;
+/// Packs read from at once within a batch.
+const READS_IN_FLIGHT: usize = 8;
+
+/// Where each metadata chunk of the index is.
+#[derive(Default)]
+pub struct MetaIndex {
+    packs: Vec<PackId>,
+    chunks: HashMap<Id, (u32, PackEntry)>,
+    segments: HashSet<Id>,
+    indexed: usize,
+}
+
+impl MetaIndex {
+    /// Take in the index segments not read before (all of them, the first time).
+    pub async fn update(&mut self, repo: &Repository, segments: &[Id]) -> Result<()> {
+        for id in segments {
+            if !self.segments.insert(*id) {
+                continue;
+            }
+            let mut reader = repo.read_segment(id).await?;
+            while let Some(head) = reader.next_head()? {
+                self.indexed += head.chunks;
+                if head.kind != PackKind::Meta {
+                    continue;
+                }
+                let slot = self.packs.len() as u32;
+                self.packs.push(head.id);
+                while let Some(e) = reader.next_entry()? {
+                    self.chunks.insert(e.id, (slot, e));
+                }
+            }
+            reader.supersedes()?;
+        }
+        Ok(())
+    }
+
+    /// Chunks the index segments list (a chunk indexed twice counts twice).
+    pub fn indexed(&self) -> usize {
+        self.indexed
+    }
+
+    fn locate(&self, id: &Id) -> Result<(u32, PackEntry)> {
+        self.chunks.get(id).copied().ok_or(Error::MissingChunk(*id))
+    }
+}
+
+/// A metadata chunk still to be read.
+enum Todo {
+    Dir(Id),
+    /// A page of a paged directory: a leaf.
+    Page(Id),
+    List(ListPage),
+}
+
+impl Todo {
+    fn id(&self) -> &Id {
+        match self {
+            Todo::Dir(id) | Todo::Page(id) => id,
+            Todo::List(page) => &page.id,
+        }
+    }
+}
+
+/// Mark every chunk `snap` references: trees, chunk lists and data. Subtrees and chunk lists
+/// marked before (shared with an earlier snapshot) are not read again.
+pub async fn mark(repo: &Repository, meta: &MetaIndex, snap: &Snapshot, live: &mut LiveSet) -> Result<()> {
+    let mut todo = Vec::new();
+    mark_nodes(std::slice::from_ref(&snap.root), live, &mut todo);
+    while !todo.is_empty() {
+        // Taken from the end: the walk stays close to depth first, so `todo` stays small.
+        let mut by_pack: HashMap<u32, Vec<(PackEntry, Todo)>> = HashMap::new();
+        let mut bytes = 0;
+        while let Some(t) = todo.pop() {
+            let (slot, entry) = meta.locate(t.id())?;
+            bytes += entry.raw_len as u64;
+            by_pack.entry(slot).or_default().push((entry, t));
+            if bytes >= BATCH_BYTES {
+                break;
+            }
+        }
+        let mut reads = futures::stream::iter(by_pack.into_iter().map(|(slot, mut items)| async move {
+            items.sort_by_key(|(e, _)| e.offset);
+            let entries: Vec<PackEntry> = items.iter().map(|(e, _)| *e).collect();
+            let chunks = repo.read_pack_chunks(&meta.packs[slot as usize], &entries).await?;
+            Ok::<_, Error>(items.into_iter().map(|(_, t)| t).zip(chunks).collect::<Vec<_>>())
+        }))
+        .buffer_unordered(READS_IN_FLIGHT);
+        while let Some(read) = reads.next().await {
+            for (t, bytes) in read? {
+                take(t, &bytes, live, &mut todo)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mark what one metadata chunk names; what still has to be read goes on `todo`.
+fn take(t: Todo, bytes: &[u8], live: &mut LiveSet, todo: &mut Vec<Todo>) -> Result<()> {
+    match t {
+        Todo::Dir(id) => match Tree::decode(bytes, &format!("tree {id}"))? {
+            Tree::Leaf(nodes) => mark_nodes(&nodes, live, todo),
+            Tree::Pages(pages) => {
+                for p in pages {
+                    live.insert(&p.id);
+                    todo.push(Todo::Page(p.id));
+                }
+            }
+        },
+        Todo::Page(id) => match Tree::decode(bytes, &format!("tree {id}"))? {
+            Tree::Leaf(nodes) => mark_nodes(&nodes, live, todo),
+            Tree::Pages(_) => return Err(Error::corrupt(format!("tree {id}"), "nested pages")),
+        },
+        Todo::List(page) => {
+            let object = format!("chunk list {}", page.id);
+            for e in tree::decode_list(bytes, &page, &object)? {
+                if let Some(c) = e.chunk {
+                    live.insert(&c);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mark the nodes' own chunks; directories and chunk lists not walked before go on `todo`.
+#[allow(clippy::collapsible_match)] // marking a tree in a match guard would hide its side effect
+fn mark_nodes(nodes: &[Node], live: &mut LiveSet, todo: &mut Vec<Todo>) {
+    for node in nodes {
+        match &node.kind {
+            NodeKind::Dir { tree } => {
+                if live.insert_walked(tree) {
+                    todo.push(Todo::Dir(*tree));
+                }
+            }
+            NodeKind::File { content: Content::Extents(extents), .. } => {
+                extents.iter().filter_map(|e| e.chunk.as_ref()).for_each(|c| live.insert(c));
+            }
+            NodeKind::File { content: Content::Lists(pages), .. } => {
+                for p in pages {
+                    if live.insert_walked(&p.id) {
+                        todo.push(Todo::List(*p));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
