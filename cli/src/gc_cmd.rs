@@ -158,6 +158,12 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
         if r.staging_removed > 0 {
             outln!("removed {} staging files left by writers killed mid-write", r.staging_removed)?;
         }
+        if r.packs_missing > 0 {
+            outln!(
+                "{} indexed packs are missing from the bucket and left the index: the next push stores their chunks again; `cairn check` names the snapshots that lost data",
+                r.packs_missing
+            )?;
+        }
     }
     let phases: Vec<String> = r.phases.iter().map(|(n, s)| format!("{n} {s:.2}s")).collect();
     outln!(

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use crate::liveset::LiveSet;
 
 /// Plain bytes of metadata read per batch: bounds what marking holds at once.
-const BATCH_BYTES: u64 = 2 << 20;
+const BATCH_BYTES: u64 = 1 << 20;
 /// Packs read from at once within a batch.
 const READS_IN_FLIGHT: usize = 8;
 

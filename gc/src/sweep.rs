@@ -76,6 +76,8 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Staging files of writers killed mid-write (local repositories only).
     pub staging_removed: usize,
+    /// Packs the index named that the bucket does not have, dropped from the index.
+    pub packs_missing: usize,
     pub segments_written: usize,
     pub segments_deleted: usize,
     pub leases_waited: usize,
@@ -566,6 +568,8 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         claim.renew(store.as_ref(), &mut gc_state).await?;
     }
     report.live_chunks = live.len();
+    let missing = missing_packs(repo, &view, &listed).await?;
+    report.packs_missing = missing.len();
     // Decided: the rest works from the condemned set, and this is the run's largest allocation.
     drop((live, meta));
     phases.done("mark again");
@@ -587,7 +591,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     // and written a segment at a time. Skipped when the index names no pack to be deleted
     // (only unindexed leftovers of dead pushes, or nothing) and is not fragmented: a rewrite
     // would only make every host rebuild its chunk index.
-    let names_condemned = condemned.iter().any(|p| view.packs.contains_key(p));
+    let names_condemned = condemned.iter().any(|p| view.packs.contains_key(p)) || !missing.is_empty();
     let compacted = indexed.div_ceil(MAX_CHUNKS_PER_SEGMENT);
     if !names_condemned
         && report.packs_repacked == 0
@@ -595,7 +599,8 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     {
         phases.done("compact index (not needed)");
     } else {
-        compact_index(repo, &view.segments, &condemned, &mut claim, &mut gc_state, &mut report).await?;
+        let dropped: HashSet<PackId> = condemned.union(&missing).copied().collect();
+        compact_index(repo, &view.segments, &dropped, &mut claim, &mut gc_state, &mut report).await?;
         phases.done("compact index");
     }
 
@@ -628,7 +633,33 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     Ok(report)
 }
 
-/// Write the index again without the condemned packs, then delete the old segments.
+/// Packs the index names that the bucket does not have (deleted by hand or by a lifecycle
+/// rule, lost). Left indexed, every push would keep deduplicating against them and commit
+/// snapshots naming chunks that are gone; dropped from the index, the next push that has
+/// those chunks stores them again. (`check` names the snapshots that already lost data.)
+/// Each is asked for again: a pack missing from the listing may have been stored since.
+async fn missing_packs(
+    repo: &Repository,
+    view: &IndexView,
+    listed: &HashMap<PackId, u64>,
+) -> Result<HashSet<PackId>> {
+    let mut missing = HashSet::new();
+    for p in view.packs.keys().filter(|p| !listed.contains_key(p)) {
+        let name = pack::object_name(p);
+        match repo.store().head(&ObjectPath::from(name.as_str())).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                tracing::warn!("{name} is indexed but not in the bucket; dropping it from the index");
+                missing.insert(*p);
+            }
+            Err(e) => return Err(Error::store(&name, e)),
+        }
+    }
+    Ok(missing)
+}
+
+/// Write the index again without the `condemned` packs (and missing ones), then delete the
+/// old segments.
 async fn compact_index(
     repo: &Repository,
     segments: &[Id],
