@@ -44,17 +44,26 @@ pub type Chunk = Arc<Vec<u8>>;
 
 /// Why a chunk could not be served; cloneable so every joined reader gets it.
 #[derive(Clone, Debug)]
-pub struct FetchError(pub Arc<str>);
+pub struct FetchError {
+    msg: Arc<str>,
+    /// The chunk index named no pack for it, or a pack the bucket no longer has: the index
+    /// may predate a gc that moved the chunk (see [`Fetcher::chunks`]).
+    gone: bool,
+}
 
 impl std::fmt::Display for FetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.msg)
     }
 }
 
 impl FetchError {
     fn new(msg: impl std::fmt::Display) -> FetchError {
-        FetchError(msg.to_string().into())
+        FetchError { msg: msg.to_string().into(), gone: false }
+    }
+
+    fn gone(msg: impl std::fmt::Display) -> FetchError {
+        FetchError { msg: msg.to_string().into(), gone: true }
     }
 }
 
@@ -187,7 +196,31 @@ impl Fetcher {
 
     /// The `wanted` chunks, in order. `ahead` are chunks the caller will probably want next:
     /// they ride along in the same range reads and are cached, but nobody waits for them.
+    ///
+    /// A mount lives for days and reads through the chunk index it had when it started. A gc
+    /// meanwhile may move live chunks (repack) and delete their old packs: a chunk whose pack
+    /// is gone, or that the index does not name, is asked for once more after the index is
+    /// brought up to date.
     pub async fn chunks(
+        self: &Arc<Self>,
+        wanted: &[ChunkId],
+        ahead: &[ChunkId],
+    ) -> Result<Vec<Chunk>, FetchError> {
+        match self.chunks_once(wanted, ahead).await {
+            Err(e) if e.gone => {
+                tracing::info!("{e}; refreshing the chunk index and reading again");
+                self.repo
+                    .sync_index()
+                    .await
+                    .map_err(|e| FetchError::new(format!("refreshing the chunk index: {e}")))?;
+                self.tables.lock().expect("table lock").clear();
+                self.chunks_once(wanted, &[]).await
+            }
+            r => r,
+        }
+    }
+
+    async fn chunks_once(
         self: &Arc<Self>,
         wanted: &[ChunkId],
         ahead: &[ChunkId],
@@ -313,7 +346,7 @@ impl Fetcher {
             match self.repo.locate(id) {
                 Ok(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
                 Err(e) if missing.contains(id) => {
-                    failed.insert(*id, Err(FetchError::new(e)));
+                    failed.insert(*id, Err(FetchError::gone(e)));
                 }
                 Err(_) => {}
             }
@@ -375,7 +408,8 @@ impl Fetcher {
         match got {
             Err(e) => {
                 tracing::warn!("reading {name} [{start}..{end}): {e}");
-                let err = FetchError::new(format!("{name}: {e}"));
+                let not_found = matches!(e, object_store::Error::NotFound { .. });
+                let err = FetchError { msg: format!("{name}: {e}").into(), gone: not_found };
                 for entry in &run {
                     out.insert(entry.id, Err(err.clone()));
                 }

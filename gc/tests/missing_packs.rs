@@ -59,3 +59,45 @@ async fn a_lost_pack_leaves_the_index_and_the_next_push_stores_its_chunks_again(
     assert!(checked.is_ok(), "{:?}", checked.damage);
     assert_eq!(checked.snapshots, 1);
 }
+
+/// A handle opened before a gc that repacked its chunks (a mount, a long restore) reads
+/// them from their new pack: it refreshes its chunk index when the old pack is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_older_than_a_repack_reads_the_moved_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let bytes = |seed: u32| -> Vec<u8> {
+        (0..75_000u32).flat_map(|i| (i ^ seed).wrapping_mul(2_654_435_761).to_le_bytes()).collect()
+    };
+    let (x, y) = (bytes(1), bytes(0xdead_beef));
+    std::fs::write(src.join("x"), &x).unwrap();
+    std::fs::write(src.join("y"), &y).unwrap();
+    let inner = Arc::new(InMemory::new());
+    let store: Arc<dyn ObjectStore> = inner.clone();
+    let old = Repository::init_on(store.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
+        .await
+        .unwrap();
+    let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) };
+    let first = push(&old, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+    std::fs::remove_file(src.join("y")).unwrap();
+    let second = push(&old, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+    inner.delete(&Path::from(cairn_store::format::snapshot::object_name(&first.snapshot))).await.unwrap();
+
+    // Another host collects: x's chunks move to a new pack, their old pack (half y) goes.
+    let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
+    let report = gc(&collector, &GcOptions { repack_below: 0.9, ..Default::default() }).await.unwrap();
+    assert!(report.packs_repacked >= 1 && report.packs_deleted >= 1, "{report:?}");
+
+    // The old handle's chunk index still names the deleted pack.
+    let snap = old.load_snapshot(&second.snapshot).await.unwrap();
+    let cairn_store::format::tree::NodeKind::Dir { tree } = snap.root.kind else { panic!("a directory") };
+    let nodes = old.read_dir(&tree).await.unwrap();
+    let file = nodes.iter().find(|n| n.name == b"x").unwrap();
+    let cairn_store::format::tree::NodeKind::File { content, .. } = &file.kind else { panic!("a file") };
+    let ids: Vec<_> = old.extents(content).await.unwrap().iter().filter_map(|e| e.chunk).collect();
+    let chunks = old.read_chunks(&ids).await.unwrap();
+    let read: Vec<u8> = ids.iter().flat_map(|id| chunks[id].iter().copied()).collect();
+    assert_eq!(read, x);
+    assert_eq!(old.read_chunk(&ids[0]).await.unwrap(), chunks[&ids[0]].as_ref().clone());
+}

@@ -40,6 +40,9 @@ pub struct Repository {
     cache: Option<LocalCache>,
     /// Metadata chunks fetched ahead by [`Repository::preload_meta`], already verified.
     meta: std::sync::RwLock<HashMap<ChunkId, Arc<Vec<u8>>>>,
+    /// Held while the chunk index is brought up to date: readers that all found a pack gone
+    /// refresh it once, not each on their own.
+    index_sync: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -92,7 +95,15 @@ impl Repository {
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         }
         let cache = Some(LocalCache::open(cache_root, &config.id)?);
-        Ok(Repository { store, counters, config, url: url.into(), cache, meta: Default::default() })
+        Ok(Repository {
+            store,
+            counters,
+            config,
+            url: url.into(),
+            cache,
+            meta: Default::default(),
+            index_sync: Default::default(),
+        })
     }
 
     /// Open an existing repository and bring the local chunk index up to date.
@@ -125,7 +136,15 @@ impl Repository {
             Err(e) => return Err(Error::store(CONFIG_OBJECT, e)),
         };
         let config = Config::decode(&bytes)?;
-        Ok(Repository { store, counters, config, url: url.into(), cache: None, meta: Default::default() })
+        Ok(Repository {
+            store,
+            counters,
+            config,
+            url: url.into(),
+            cache: None,
+            meta: Default::default(),
+            index_sync: Default::default(),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -175,6 +194,7 @@ impl Repository {
     /// Read index segments the cache has not seen. If the cache knows segments the bucket no
     /// longer has (GC compacted them), rebuild it from scratch.
     pub async fn sync_index(&self) -> Result<()> {
+        let _one_at_a_time = self.index_sync.lock().await;
         // A garbage collection may replace segments between our listing and our reads; the
         // replacement lists everything live, so list again and read that.
         let mut attempts = 0;
@@ -299,6 +319,32 @@ impl Repository {
         if let Some(bytes) = self.meta.read().expect("meta lock").get(id) {
             return Ok(bytes.as_ref().clone());
         }
+        match self.read_chunk_once(id).await {
+            Err(e) if self.pack_gone(&e).await? => self.read_chunk_once(id).await,
+            r => r,
+        }
+    }
+
+    /// After a read found a pack gone, or no pack for a chunk: true if the chunk index was
+    /// brought up to date, so the read is worth trying again. GC deletes packs only once no
+    /// committed snapshot needs them, but it repacks live chunks into new packs first: a
+    /// long-lived handle (a mount, a restore running while gc runs) can hold an index that
+    /// predates the move, or be rebuilding it (another reader's refresh) right now.
+    async fn pack_gone(&self, e: &Error) -> Result<bool> {
+        let gone = match e {
+            Error::NotFound(what) => what.starts_with("packs/"),
+            Error::MissingChunk(_) => true,
+            _ => false,
+        };
+        if !gone || self.cache.is_none() {
+            return Ok(false);
+        }
+        tracing::info!("{e} (moved by gc?); refreshing the chunk index");
+        self.sync_index().await?;
+        Ok(true)
+    }
+
+    async fn read_chunk_once(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
         let name = pack::object_name(&loc.pack);
         let e = loc.entry;
@@ -341,6 +387,13 @@ impl Repository {
 
     /// Read chunks from anywhere, grouped by pack. Returns them by id.
     pub async fn read_chunks(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, Arc<Vec<u8>>>> {
+        match self.read_chunks_once(ids).await {
+            Err(e) if self.pack_gone(&e).await? => self.read_chunks_once(ids).await,
+            r => r,
+        }
+    }
+
+    async fn read_chunks_once(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, Arc<Vec<u8>>>> {
         let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
         let mut seen = HashSet::new();
         for id in ids {

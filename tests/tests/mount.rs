@@ -200,6 +200,41 @@ fn corrupt_chunk_is_eio_for_its_file_only_and_is_not_cached() {
     assert!(err.contains("BLAKE3"), "the bad chunk is logged: {err}");
 }
 
+/// A mount lives for days; a gc meanwhile may move the chunks it serves into new packs and
+/// delete the old ones. The mount finds the old pack gone, refreshes its chunk index and
+/// reads the chunks where they are now.
+#[test]
+fn a_mount_reads_chunks_that_gc_moved_while_it_ran() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let x = random_bytes(300_000, 5);
+    std::fs::write(src.join("x.bin"), &x).unwrap();
+    std::fs::write(src.join("y.bin"), random_bytes(300_000, 6)).unwrap();
+    let repo_dir = tmp.path().join("repo");
+    let repo = Repo::local(&repo_dir);
+    repo.ok(&["init"]);
+    let first = repo.push(&src, &[]);
+    std::fs::remove_file(src.join("y.bin")).unwrap();
+    let snap = repo.push(&src, &[]);
+
+    let mnt = tmp.path().join("mnt");
+    let m = repo.mount(&snap, &mnt, &["--no-prefetch"]);
+    // The first snapshot goes: x's pack is half dead, so gc copies x out and deletes it.
+    let listed = repo.json(&["snapshots"]);
+    let id = listed.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string());
+    let id = id.filter(|id| id.starts_with(&first)).last().expect("the first snapshot is listed");
+    std::fs::remove_file(repo_dir.join("snapshots").join(&id)).unwrap();
+    let report = repo.json(&["gc", "--repack-below", "0.9"]);
+    assert!(report["packs_repacked"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["packs_deleted"].as_u64().unwrap() >= 1, "{report}");
+
+    assert_eq!(std::fs::read(mnt.join("x.bin")).unwrap(), x);
+    let (status, err) = m.stop();
+    assert!(status.success(), "{err}");
+    repo.ok(&["check", "--read-data"]);
+}
+
 #[test]
 fn unreachable_bucket_is_eio_and_the_mount_recovers() {
     let tmp = tempfile::tempdir().unwrap();
