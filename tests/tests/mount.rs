@@ -222,8 +222,8 @@ fn a_mount_reads_chunks_that_gc_moved_while_it_ran() {
     let m = repo.mount(&snap, &mnt, &["--no-prefetch"]);
     // The first snapshot goes: x's pack is half dead, so gc copies x out and deletes it.
     let listed = repo.json(&["snapshots"]);
-    let id = listed.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string());
-    let id = id.filter(|id| id.starts_with(&first)).next_back().expect("the first snapshot is listed");
+    let mut ids = listed.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string());
+    let id = ids.rfind(|id| id.starts_with(&first)).expect("the first snapshot is listed");
     std::fs::remove_file(repo_dir.join("snapshots").join(&id)).unwrap();
     let report = repo.json(&["gc", "--repack-below", "0.9"]);
     assert!(report["packs_repacked"].as_u64().unwrap() >= 1, "{report}");
