@@ -37,19 +37,22 @@ impl MetaIndex {
             if !self.segments.insert(*id) {
                 continue;
             }
-            let mut reader = repo.read_segment(id).await?;
-            while let Some(head) = reader.next_head()? {
-                self.indexed += head.chunks;
-                if head.kind != PackKind::Meta {
-                    continue;
+            let (packs, chunks, indexed) = (&mut self.packs, &mut self.chunks, &mut self.indexed);
+            repo.visit_segment(id, |reader| {
+                while let Some(head) = reader.next_head()? {
+                    *indexed += head.chunks;
+                    if head.kind != PackKind::Meta {
+                        continue;
+                    }
+                    let slot = packs.len() as u32;
+                    packs.push(head.id);
+                    while let Some(e) = reader.next_entry()? {
+                        chunks.insert(e.id, (slot, e));
+                    }
                 }
-                let slot = self.packs.len() as u32;
-                self.packs.push(head.id);
-                while let Some(e) = reader.next_entry()? {
-                    self.chunks.insert(e.id, (slot, e));
-                }
-            }
-            reader.supersedes()?;
+                reader.supersedes().map(drop)
+            })
+            .await?;
         }
         Ok(())
     }

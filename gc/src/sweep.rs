@@ -139,22 +139,24 @@ async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> 
     let segments = segment_ids(repo).await?;
     let mut packs: HashMap<PackId, PackUse> = HashMap::new();
     for id in &segments {
-        let mut reader = repo.read_segment(id).await?;
-        while let Some(head) = reader.next_head()? {
-            if packs.contains_key(&head.id) {
-                continue; // indexed twice: counted once
-            }
-            let mut u = PackUse { len: head.len, ..Default::default() };
-            while let Some(c) = reader.next_entry()? {
-                u.chunk_bytes += c.stored_len as u64;
-                if live.contains(&c.id) {
-                    u.live_bytes += c.stored_len as u64;
-                    u.needed |= !copied.contains(&c.id);
+        repo.visit_segment(id, |reader| {
+            while let Some(head) = reader.next_head()? {
+                if packs.contains_key(&head.id) {
+                    continue; // indexed twice: counted once
                 }
+                let mut u = PackUse { len: head.len, ..Default::default() };
+                while let Some(c) = reader.next_entry()? {
+                    u.chunk_bytes += c.stored_len as u64;
+                    if live.contains(&c.id) {
+                        u.live_bytes += c.stored_len as u64;
+                        u.needed |= !copied.contains(&c.id);
+                    }
+                }
+                packs.insert(head.id, u);
             }
-            packs.insert(head.id, u);
-        }
-        reader.supersedes()?;
+            reader.supersedes().map(drop)
+        })
+        .await?;
     }
     Ok(IndexView { segments, packs })
 }
@@ -674,24 +676,30 @@ async fn compact_index(
     let mut emitted: HashSet<PackId> = HashSet::new();
     let mut written = HashSet::new();
     for old in segments {
-        let mut reader = repo.read_segment(old).await?;
-        while let Some(head) = reader.next_head()? {
-            if condemned.contains(&head.id) || !emitted.insert(head.id) {
-                continue;
+        // Streamed. What an input gives is stored only once that input has been read to its
+        // end and found to match its name, so output segments are cut between inputs: one
+        // is stored once it holds half a segment's worth (it ends up with at most that plus
+        // one input's packs), and only it is held meanwhile.
+        repo.visit_segment(old, |reader| {
+            while let Some(head) = reader.next_head()? {
+                if condemned.contains(&head.id) || !emitted.insert(head.id) {
+                    continue;
+                }
+                // Entries pass through one at a time: a pack of tiny chunks lists 100,000.
+                seg.begin_pack(&head);
+                while let Some(e) = reader.next_entry()? {
+                    seg.entry(&e);
+                }
             }
-            if seg.chunk_count() + head.chunks > MAX_CHUNKS_PER_SEGMENT && !seg.is_empty() {
-                let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
-                claim.renew(store.as_ref(), state).await?;
-                repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
-                written.insert(id);
-            }
-            // Entries pass through one at a time: a pack of tiny chunks lists 100,000.
-            seg.begin_pack(&head);
-            while let Some(e) = reader.next_entry()? {
-                seg.entry(&e);
-            }
+            reader.supersedes().map(drop)
+        })
+        .await?;
+        if seg.chunk_count() >= MAX_CHUNKS_PER_SEGMENT / 2 {
+            let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
+            claim.renew(store.as_ref(), state).await?;
+            repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
+            written.insert(id);
         }
-        reader.supersedes()?;
     }
     if !seg.is_empty() || written.is_empty() {
         let (id, parts) = seg.finish();

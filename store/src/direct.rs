@@ -112,9 +112,11 @@ fn sync_dir(dir: Option<&FsPath>) -> std::io::Result<()> {
 
 /// Copy `payload` through one aligned buffer into `file` with direct writes.
 fn write_aligned(file: &mut File, payload: &PutPayload) -> std::io::Result<u64> {
-    let mut backing = vec![0u8; WRITE_UNIT + ALIGN];
+    // No bigger than the object: an index segment is a few MB, a pack up to WRITE_UNIT's worth.
+    let unit = WRITE_UNIT.min(payload.content_length().next_multiple_of(ALIGN).max(ALIGN));
+    let mut backing = vec![0u8; unit + ALIGN];
     let start = backing.as_ptr().align_offset(ALIGN);
-    let buf = &mut backing[start..start + WRITE_UNIT];
+    let buf = &mut backing[start..start + unit];
     let (mut filled, mut total, mut first) = (0usize, 0u64, true);
     // Only the first write's EINVAL means the file system refuses direct I/O; a later one is
     // an error like any other (it must not quietly turn direct writes off).
@@ -129,10 +131,10 @@ fn write_aligned(file: &mut File, payload: &PutPayload) -> std::io::Result<u64> 
     for part in payload.iter() {
         let mut part: &[u8] = part;
         while !part.is_empty() {
-            let n = part.len().min(WRITE_UNIT - filled);
+            let n = part.len().min(unit - filled);
             buf[filled..filled + n].copy_from_slice(&part[..n]);
             (filled, part, total) = (filled + n, &part[n..], total + n as u64);
-            if filled == WRITE_UNIT {
+            if filled == unit {
                 write(buf)?;
                 filled = 0;
             }

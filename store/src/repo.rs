@@ -258,6 +258,56 @@ impl Repository {
         SegmentReader::open(bytes, &name)
     }
 
+    /// Read an index segment as it downloads, without holding the object: `visit` runs on
+    /// this thread over a reader of the bytes as they arrive (the runtime's other workers
+    /// drive the download). The object's hash is checked once all of it has been read, and a
+    /// mismatch fails the call: act on what `visit` saw only once this returns. A GC pass
+    /// over 10M chunks so holds one 64 KiB window instead of one 3.4 MB segment at a time.
+    /// On a current-thread runtime, which cannot block this way, the object is fetched
+    /// whole first.
+    pub async fn visit_segment<T>(
+        &self,
+        id: &Id,
+        visit: impl FnOnce(&mut SegmentReader<Box<dyn std::io::BufRead + Send>>) -> Result<T>,
+    ) -> Result<T> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let name = index::object_name(id);
+        if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
+            let bytes = self.get(&name).await?;
+            if Id::of(&bytes) != *id {
+                return Err(Error::corrupt(&name, "content does not match its id"));
+            }
+            let source: Box<dyn std::io::BufRead + Send> = Box::new(std::io::Cursor::new(bytes));
+            return visit(&mut SegmentReader::from_source(source, &name)?);
+        }
+        let got =
+            self.store.get(&ObjectPath::from(name.as_str())).await.map_err(|e| Error::store(&name, e))?;
+        let seen = Arc::new(std::sync::Mutex::new(Hashed::default()));
+        let stream = got.into_stream().map_err(std::io::Error::other);
+        let bridge = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+        let hashing = Hashing { inner: bridge, seen: seen.clone() };
+        let source: Box<dyn std::io::BufRead + Send> =
+            Box::new(std::io::BufReader::with_capacity(64 << 10, hashing));
+        tokio::task::block_in_place(|| {
+            let failed_read = |e: Error| match seen.lock().expect("hash lock").error.take() {
+                // The download failed, not the content.
+                Some(io) => {
+                    Error::store(&name, object_store::Error::Generic { store: "download", source: io.into() })
+                }
+                None => e,
+            };
+            let mut reader = SegmentReader::from_source(source, &name).map_err(failed_read)?;
+            let out = visit(&mut reader).map_err(failed_read)?;
+            std::io::copy(&mut reader.into_source(), &mut std::io::sink())
+                .map_err(|e| failed_read(Error::corrupt(&name, format!("reading to its end: {e}"))))?;
+            let hash = seen.lock().expect("hash lock").hasher.finalize();
+            if Id(*hash.as_bytes()) != *id {
+                return Err(Error::corrupt(&name, "content does not match its id"));
+            }
+            Ok(out)
+        })
+    }
+
     pub fn locate(&self, id: &ChunkId) -> Result<Location> {
         self.cache()?.chunk(id)?.ok_or(Error::MissingChunk(*id))
     }
@@ -581,6 +631,35 @@ impl Repository {
                     matches.len(),
                     some.join(", ")
                 )))
+            }
+        }
+    }
+}
+
+/// What a streamed object's bytes hashed to so far, and the first read error.
+#[derive(Default)]
+struct Hashed {
+    hasher: blake3::Hasher,
+    error: Option<std::io::Error>,
+}
+
+/// Hashes every byte read through it (see [`Repository::visit_segment`]).
+struct Hashing<R> {
+    inner: R,
+    seen: Arc<std::sync::Mutex<Hashed>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut seen = self.seen.lock().expect("hash lock");
+        match self.inner.read(buf) {
+            Ok(n) => {
+                seen.hasher.update(&buf[..n]);
+                Ok(n)
+            }
+            Err(e) => {
+                seen.error.get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+                Err(e)
             }
         }
     }

@@ -9,7 +9,7 @@
 //! out one pack (or one chunk entry) at a time; [`SegmentWriter`] compresses each pack as it is
 //! added. Neither ever holds the decoded segment, which keeps GC's memory to its live set.
 
-use std::io::{Cursor, Read, Write};
+use std::io::{BufRead, Cursor, Read, Write};
 
 use bytes::Bytes;
 
@@ -85,13 +85,15 @@ pub struct SegmentWriter {
     supersedes: Vec<Id>,
 }
 
-/// Compressed output in pieces of at most 1 MiB: no doubling `Vec` with up to half of it spare.
+/// Compressed output in pieces of 256 KiB: no doubling `Vec` with up to half of it spare.
 #[derive(Default)]
 struct Pieces(Vec<Vec<u8>>);
 
 impl Write for Pieces {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        const PIECE: usize = 1 << 20;
+        // Large enough to be mmapped (and handed back whole when freed), small enough that the
+        // last, partly filled piece wastes little.
+        const PIECE: usize = 256 << 10;
         if self.0.last().is_none_or(|p| p.len() == PIECE) {
             self.0.push(Vec::with_capacity(PIECE));
         }
@@ -172,9 +174,11 @@ impl SegmentWriter {
 /// Plain bytes decompressed at a time; the window grows only for a pack larger than this.
 const WINDOW: usize = 64 << 10;
 
-/// The packs of an encoded segment, decoded one at a time as its frames are decompressed.
-pub struct SegmentReader {
-    zstd: zstd::stream::read::Decoder<'static, Cursor<Bytes>>,
+/// The packs of an encoded segment, decoded one at a time as its frames are decompressed,
+/// from the whole object in memory or from any other source of its bytes (a download as it
+/// arrives: see `Repository::visit_segment`).
+pub struct SegmentReader<R: BufRead = Cursor<Bytes>> {
+    zstd: zstd::stream::read::Decoder<'static, R>,
     window: Vec<u8>,
     at: usize,
     decoded: usize,
@@ -196,8 +200,17 @@ pub struct PackHead {
 
 impl SegmentReader {
     pub fn open(bytes: Bytes, object: &str) -> Result<SegmentReader> {
-        let body = bytes.slice(bytes.len() - check_header(&bytes, MAGIC, object)?.len()..);
-        let mut zstd = zstd::stream::read::Decoder::with_buffer(Cursor::new(body))
+        SegmentReader::from_source(Cursor::new(bytes), object)
+    }
+}
+
+impl<R: BufRead> SegmentReader<R> {
+    /// A reader over the object's bytes from `source`, header first.
+    pub fn from_source(mut source: R, object: &str) -> Result<SegmentReader<R>> {
+        let mut head = [0u8; 5];
+        source.read_exact(&mut head).map_err(|e| Error::corrupt(object, format!("header: {e}")))?;
+        check_header(&head, MAGIC, object)?;
+        let mut zstd = zstd::stream::read::Decoder::with_buffer(source)
             .map_err(|e| Error::corrupt(object, format!("zstd: {e}")))?;
         // Our writers use 2 MiB windows at most; refuse frames asking for more than 8 MiB.
         zstd.window_log_max(23).map_err(|e| Error::corrupt(object, format!("zstd: {e}")))?;
@@ -290,8 +303,13 @@ impl SegmentReader {
         self.decode_next().map(Some)
     }
 
+    /// The source, positioned after the last frame read (what follows was not read).
+    pub fn into_source(self) -> R {
+        self.zstd.finish()
+    }
+
     /// What the segment supersedes; only after every pack was taken.
-    pub fn supersedes(mut self) -> Result<Vec<Id>> {
+    pub fn supersedes(&mut self) -> Result<Vec<Id>> {
         if self.left != 0 || self.entries_left != 0 {
             return Err(Error::corrupt(&self.object, "supersedes read before the packs"));
         }
@@ -306,7 +324,7 @@ impl SegmentReader {
     }
 }
 
-impl Iterator for SegmentReader {
+impl<R: BufRead> Iterator for SegmentReader<R> {
     type Item = Result<IndexedPack>;
 
     fn next(&mut self) -> Option<Result<IndexedPack>> {
