@@ -214,6 +214,9 @@ impl Fetcher {
                     .await
                     .map_err(|e| FetchError::new(format!("refreshing the chunk index: {e}")))?;
                 self.tables.lock().expect("table lock").clear();
+                // Read-ahead started before the refresh may still be in flight from the old
+                // pack: start afresh rather than join it.
+                self.inflight.lock().expect("inflight lock").retain(|id, _| !wanted.contains(id));
                 self.chunks_once(wanted, &[]).await
             }
             r => r,

@@ -62,8 +62,39 @@ impl MetaIndex {
         self.indexed
     }
 
-    fn locate(&self, id: &Id) -> Result<(u32, PackEntry)> {
-        self.chunks.get(id).copied().ok_or(Error::MissingChunk(*id))
+    fn locate(&self, id: &Id) -> Option<(u32, PackEntry)> {
+        self.chunks.get(id).copied()
+    }
+
+    /// Find `wanted` in packs of any kind. A push deduplicates a tree page or chunk list
+    /// against any stored chunk, so one can live only in a data pack (a file holding the same
+    /// bytes, which a sandbox can write on purpose). Rare, so a whole pass over the index
+    /// for each batch that meets one is fine; a chunk found nowhere is missing.
+    async fn search(&mut self, repo: &Repository, mut wanted: HashSet<Id>) -> Result<()> {
+        let segments: Vec<Id> = self.segments.iter().copied().collect();
+        for id in &segments {
+            let (packs, chunks, wanted) = (&mut self.packs, &mut self.chunks, &mut wanted);
+            repo.visit_segment(id, |reader| {
+                while let Some(head) = reader.next_head()? {
+                    let mut slot = None;
+                    while let Some(e) = reader.next_entry()? {
+                        if wanted.remove(&e.id) {
+                            let slot = *slot.get_or_insert_with(|| {
+                                packs.push(head.id);
+                                packs.len() as u32 - 1
+                            });
+                            chunks.insert(e.id, (slot, e));
+                        }
+                    }
+                }
+                reader.supersedes().map(drop)
+            })
+            .await?;
+        }
+        match wanted.into_iter().next() {
+            Some(id) => Err(Error::MissingChunk(id)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -86,21 +117,36 @@ impl Todo {
 
 /// Mark every chunk `snap` references: trees, chunk lists and data. Subtrees and chunk lists
 /// marked before (shared with an earlier snapshot) are not read again.
-pub async fn mark(repo: &Repository, meta: &MetaIndex, snap: &Snapshot, live: &mut LiveSet) -> Result<()> {
+pub async fn mark(
+    repo: &Repository,
+    meta: &mut MetaIndex,
+    snap: &Snapshot,
+    live: &mut LiveSet,
+) -> Result<()> {
     let mut todo = Vec::new();
     mark_nodes(std::slice::from_ref(&snap.root), live, &mut todo);
     while !todo.is_empty() {
         // Taken from the end: the walk stays close to depth first, so `todo` stays small.
         let mut by_pack: HashMap<u32, Vec<(PackEntry, Todo)>> = HashMap::new();
+        let mut unknown = Vec::new();
         let mut bytes = 0;
         while let Some(t) = todo.pop() {
-            let (slot, entry) = meta.locate(t.id())?;
-            bytes += entry.raw_len as u64;
-            by_pack.entry(slot).or_default().push((entry, t));
+            match meta.locate(t.id()) {
+                Some((slot, entry)) => {
+                    bytes += entry.raw_len as u64;
+                    by_pack.entry(slot).or_default().push((entry, t));
+                }
+                None => unknown.push(t),
+            }
             if bytes >= BATCH_BYTES {
                 break;
             }
         }
+        if !unknown.is_empty() {
+            meta.search(repo, unknown.iter().map(|t| *t.id()).collect()).await?;
+            todo.extend(unknown);
+        }
+        let meta = &*meta;
         let mut reads = futures::stream::iter(by_pack.into_iter().map(|(slot, mut items)| async move {
             items.sort_by_key(|(e, _)| e.offset);
             let entries: Vec<PackEntry> = items.iter().map(|(e, _)| *e).collect();

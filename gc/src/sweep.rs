@@ -105,6 +105,8 @@ impl Phases {
 /// segment and a few numbers per pack, not every table.
 struct IndexView {
     segments: Vec<Id>,
+    /// Chunk entries each segment lists.
+    segment_chunks: HashMap<Id, usize>,
     packs: HashMap<PackId, PackUse>,
 }
 
@@ -138,9 +140,12 @@ async fn segment_ids(repo: &Repository) -> Result<Vec<Id>> {
 async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> Result<IndexView> {
     let segments = segment_ids(repo).await?;
     let mut packs: HashMap<PackId, PackUse> = HashMap::new();
+    let mut segment_chunks = HashMap::new();
     for id in &segments {
+        let listed = segment_chunks.entry(*id).or_insert(0);
         repo.visit_segment(id, |reader| {
             while let Some(head) = reader.next_head()? {
+                *listed += head.chunks;
                 if packs.contains_key(&head.id) {
                     continue; // indexed twice: counted once
                 }
@@ -158,7 +163,7 @@ async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> 
         })
         .await?;
     }
-    Ok(IndexView { segments, packs })
+    Ok(IndexView { segments, segment_chunks, packs })
 }
 
 /// Copy the live chunks of mostly dead packs into new packs (stored bytes as they are, each
@@ -440,7 +445,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     }
     let mut live = LiveSet::with_capacity(meta.indexed());
     for (_, snap) in &roots {
-        mark(repo, &meta, snap, &mut live).await?;
+        mark(repo, &mut meta, snap, &mut live).await?;
     }
     live.seal_for_lookups();
     let mut copied: HashSet<Id> = HashSet::new();
@@ -551,7 +556,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let mut marked_more = false;
     for (id, snap) in now_committed {
         if !roots.iter().any(|(r, _)| *r == id) {
-            mark(repo, &meta, &snap, &mut live).await?;
+            mark(repo, &mut meta, &snap, &mut live).await?;
             report.snapshots += 1;
             marked_more = true;
         }
@@ -594,7 +599,9 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     // (only unindexed leftovers of dead pushes, or nothing) and is not fragmented: a rewrite
     // would only make every host rebuild its chunk index.
     let names_condemned = condemned.iter().any(|p| view.packs.contains_key(p)) || !missing.is_empty();
-    let compacted = indexed.div_ceil(MAX_CHUNKS_PER_SEGMENT);
+    // Compaction cuts between inputs, so two neighbouring outputs hold more than one
+    // segment's worth: it leaves at most twice the minimum.
+    let compacted = 2 * indexed.div_ceil(MAX_CHUNKS_PER_SEGMENT);
     if !names_condemned
         && report.packs_repacked == 0
         && view.segments.len() <= compacted + COMPACT_ABOVE_SEGMENTS
@@ -602,7 +609,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         phases.done("compact index (not needed)");
     } else {
         let dropped: HashSet<PackId> = condemned.union(&missing).copied().collect();
-        compact_index(repo, &view.segments, &dropped, &mut claim, &mut gc_state, &mut report).await?;
+        compact_index(repo, &view, &dropped, &mut claim, &mut gc_state, &mut report).await?;
         phases.done("compact index");
     }
 
@@ -664,22 +671,31 @@ async fn missing_packs(
 /// old segments.
 async fn compact_index(
     repo: &Repository,
-    segments: &[Id],
+    view: &IndexView,
     condemned: &HashSet<PackId>,
     claim: &mut Claim,
     state: &mut GcState,
     report: &mut GcReport,
 ) -> Result<()> {
     let store = repo.store().clone();
+    let segments = &view.segments;
     let fresh = || SegmentWriter::new(segments.to_vec());
     let mut seg = fresh();
     let mut emitted: HashSet<PackId> = HashSet::new();
     let mut written = HashSet::new();
     for old in segments {
         // Streamed. What an input gives is stored only once that input has been read to its
-        // end and found to match its name, so output segments are cut between inputs: one
-        // is stored once it holds half a segment's worth (it ends up with at most that plus
-        // one input's packs), and only it is held meanwhile.
+        // end and found to match its name, so outputs are cut between inputs: before an
+        // input that could take one past a segment's worth, and once one is full. An output
+        // passes `MAX_CHUNKS_PER_SEGMENT` only when one input alone does, and then holds
+        // nothing else (so it does not grow from run to run).
+        let incoming = view.segment_chunks.get(old).copied().unwrap_or(MAX_CHUNKS_PER_SEGMENT);
+        if !seg.is_empty() && seg.chunk_count() + incoming > MAX_CHUNKS_PER_SEGMENT {
+            let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
+            claim.renew(store.as_ref(), state).await?;
+            repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
+            written.insert(id);
+        }
         repo.visit_segment(old, |reader| {
             while let Some(head) = reader.next_head()? {
                 if condemned.contains(&head.id) || !emitted.insert(head.id) {
@@ -694,7 +710,7 @@ async fn compact_index(
             reader.supersedes().map(drop)
         })
         .await?;
-        if seg.chunk_count() >= MAX_CHUNKS_PER_SEGMENT / 2 {
+        if seg.chunk_count() >= MAX_CHUNKS_PER_SEGMENT {
             let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
             claim.renew(store.as_ref(), state).await?;
             repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;

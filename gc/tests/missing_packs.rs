@@ -101,3 +101,46 @@ async fn a_handle_older_than_a_repack_reads_the_moved_chunks() {
     assert_eq!(read, x);
     assert_eq!(old.read_chunk(&ids[0]).await.unwrap(), chunks[&ids[0]].as_ref().clone());
 }
+
+/// A push deduplicates a directory's tree object against any stored chunk, so a file that
+/// holds exactly those bytes (a sandbox can write one on purpose) leaves the tree only in a
+/// data pack. GC must still find it, not fail on every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_stored_only_in_a_data_pack_is_still_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"hello").unwrap();
+    let opts =
+        |dir: &std::path::Path| PushOptions { parent: ParentSpec::None, ..PushOptions::new(dir, Kind::Fs) };
+
+    // The bytes of src's tree object, from a scratch repository.
+    let scratch = Repository::init_on(
+        Arc::new(InMemory::new()),
+        "memory://",
+        Chunking::default(),
+        &tmp.path().join("c0"),
+    )
+    .await
+    .unwrap();
+    let pushed = push(&scratch, &opts(&src), &Quiet, &AtomicBool::new(false)).await.unwrap();
+    let snap = scratch.load_snapshot(&pushed.snapshot).await.unwrap();
+    let cairn_store::format::tree::NodeKind::Dir { tree } = snap.root.kind else { panic!("a directory") };
+    let tree_bytes = scratch.read_chunk(&tree).await.unwrap();
+
+    // A file holding exactly those bytes is pushed first; then src itself.
+    let decoy = tmp.path().join("decoy");
+    std::fs::create_dir_all(&decoy).unwrap();
+    std::fs::write(decoy.join("t"), &tree_bytes).unwrap();
+    let inner = Arc::new(InMemory::new());
+    let repo = Repository::init_on(inner.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
+        .await
+        .unwrap();
+    push(&repo, &opts(&decoy), &Quiet, &AtomicBool::new(false)).await.unwrap();
+    push(&repo, &opts(&src), &Quiet, &AtomicBool::new(false)).await.unwrap();
+
+    let report = gc(&repo, &GcOptions::default()).await.unwrap();
+    assert_eq!(report.snapshots, 2, "{report:?}");
+    let checked = check(&repo, true).await.unwrap();
+    assert!(checked.is_ok(), "{:?}", checked.damage);
+}
