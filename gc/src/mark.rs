@@ -6,6 +6,7 @@
 //! of ranged reads grouped by pack, and each page is decoded, marked and dropped: memory holds
 //! one batch, never a snapshot's whole metadata.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use cairn_store::format::pack::{PackEntry, PackKind};
@@ -31,8 +32,16 @@ pub struct MetaIndex {
 }
 
 impl MetaIndex {
-    /// Take in the index segments not read before (all of them, the first time).
-    pub async fn update(&mut self, repo: &Repository, segments: &[Id]) -> Result<()> {
+    /// Take in the index segments not read before (all of them, the first time). A chunk
+    /// indexed in several packs (two pushes that did not know of each other) keeps a
+    /// location in a pack of `listed` (the bucket's listing) over one in a pack that is not:
+    /// a pack the bucket lost must not stop GC while a copy exists.
+    pub async fn update(
+        &mut self,
+        repo: &Repository,
+        segments: &[Id],
+        listed: &HashMap<PackId, u64>,
+    ) -> Result<()> {
         for id in segments {
             if !self.segments.insert(*id) {
                 continue;
@@ -46,8 +55,18 @@ impl MetaIndex {
                     }
                     let slot = packs.len() as u32;
                     packs.push(head.id);
+                    let here_listed = listed.contains_key(&head.id);
                     while let Some(e) = reader.next_entry()? {
-                        chunks.insert(e.id, (slot, e));
+                        match chunks.entry(e.id) {
+                            Entry::Occupied(mut seen) => {
+                                if here_listed || !listed.contains_key(&packs[seen.get().0 as usize]) {
+                                    seen.insert((slot, e));
+                                }
+                            }
+                            Entry::Vacant(v) => {
+                                v.insert((slot, e));
+                            }
+                        }
                     }
                 }
                 reader.supersedes().map(drop)

@@ -428,7 +428,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let roots = committed(repo, &leases).await?;
     // Listed after the roots: a root's chunks were indexed before it was committed.
     let mut meta = MetaIndex::default();
-    meta.update(repo, &segment_ids(repo).await?).await?;
+    meta.update(repo, &segment_ids(repo).await?, &listed).await?;
     for h in &heads {
         if !roots.iter().any(|(id, _)| *id == h.snapshot) {
             // The head may have moved on and its old snapshot been forgotten since we read it.
@@ -550,7 +550,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let now_committed = committed(repo, &final_leases).await?;
     let segments_now = segment_ids(repo).await?;
     let indexed_before = meta.indexed();
-    meta.update(repo, &segments_now).await?;
+    meta.update(repo, &segments_now, &listed).await?;
     let indexed = meta.indexed();
     live.reserve(indexed - indexed_before);
     let mut marked_more = false;

@@ -144,3 +144,63 @@ async fn a_tree_stored_only_in_a_data_pack_is_still_found() {
     let checked = check(&repo, true).await.unwrap();
     assert!(checked.is_ok(), "{:?}", checked.damage);
 }
+
+/// A tree indexed in two packs, one of which the bucket lost: GC reads the copy that
+/// exists, whatever order the index lists them in, and drops the lost pack from the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_metadata_pack_with_a_copy_elsewhere_does_not_stop_gc() {
+    use cairn_store::format::index::{IndexSegment, IndexedPack};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"hello").unwrap();
+    let inner = Arc::new(InMemory::new());
+    let store: Arc<dyn ObjectStore> = inner.clone();
+    let repo = Repository::init_on(store.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
+        .await
+        .unwrap();
+    let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) };
+    push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+
+    // The metadata pack and the segment that names it.
+    let list = |prefix: &'static str| {
+        let inner = inner.clone();
+        async move {
+            inner
+                .list(Some(&Path::from(prefix)))
+                .map_ok(|m| m.location)
+                .try_collect::<Vec<Path>>()
+                .await
+                .unwrap()
+        }
+    };
+    let segments = list("index").await;
+    assert_eq!(segments.len(), 1);
+    let original =
+        IndexSegment::decode(&inner.get(&segments[0]).await.unwrap().bytes().await.unwrap(), "i").unwrap();
+    let meta = original.packs.iter().find(|p| p.kind == PackKind::Meta).unwrap().clone();
+    // A copy of it under another name, indexed by a segment that sorts first, so the
+    // original's entries are the ones seen last.
+    let copy_id = cairn_store::Id::of(b"a copy of the metadata pack");
+    let bytes = inner.get(&Path::from(pack::object_name(&meta.id))).await.unwrap().bytes().await.unwrap();
+    inner.put(&Path::from(pack::object_name(&copy_id)), bytes.into()).await.unwrap();
+    let original_id = segments[0].as_ref().rsplit('/').next().unwrap().to_string();
+    let (seg_id, seg_bytes) = (0u32..)
+        .map(|n| {
+            IndexSegment {
+                packs: vec![IndexedPack { id: copy_id, ..meta.clone() }],
+                supersedes: vec![cairn_store::Id::of(&n.to_le_bytes())],
+            }
+            .encode()
+        })
+        .find(|(id, _)| id.to_hex() < original_id)
+        .unwrap();
+    inner.put(&Path::from(cairn_store::format::index::object_name(&seg_id)), seg_bytes.into()).await.unwrap();
+    // The bucket loses the original.
+    inner.delete(&Path::from(pack::object_name(&meta.id))).await.unwrap();
+
+    let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
+    let report = gc(&collector, &GcOptions::default()).await.unwrap();
+    assert_eq!(report.packs_missing, 1, "{report:?}");
+    assert_eq!(report.snapshots, 1, "{report:?}");
+}
