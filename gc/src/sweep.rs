@@ -691,10 +691,7 @@ async fn compact_index(
         // nothing else (so it does not grow from run to run).
         let incoming = view.segment_chunks.get(old).copied().unwrap_or(MAX_CHUNKS_PER_SEGMENT);
         if !seg.is_empty() && seg.chunk_count() + incoming > MAX_CHUNKS_PER_SEGMENT {
-            let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
-            claim.renew(store.as_ref(), state).await?;
-            repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
-            written.insert(id);
+            store_segment(repo, std::mem::replace(&mut seg, fresh()), claim, state, &mut written).await?;
         }
         repo.visit_segment(old, |reader| {
             while let Some(head) = reader.next_head()? {
@@ -711,17 +708,11 @@ async fn compact_index(
         })
         .await?;
         if seg.chunk_count() >= MAX_CHUNKS_PER_SEGMENT {
-            let (id, parts) = std::mem::replace(&mut seg, fresh()).finish();
-            claim.renew(store.as_ref(), state).await?;
-            repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
-            written.insert(id);
+            store_segment(repo, std::mem::replace(&mut seg, fresh()), claim, state, &mut written).await?;
         }
     }
     if !seg.is_empty() || written.is_empty() {
-        let (id, parts) = seg.finish();
-        claim.renew(store.as_ref(), state).await?;
-        repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
-        written.insert(id);
+        store_segment(repo, seg, claim, state, &mut written).await?;
     }
     report.segments_written = written.len();
     claim.renew(store.as_ref(), state).await?;
@@ -731,6 +722,21 @@ async fn compact_index(
             report.segments_deleted += 1;
         }
     }
+    Ok(())
+}
+
+/// Store a compacted segment, still holding the claim (see `Claim`).
+async fn store_segment(
+    repo: &Repository,
+    seg: SegmentWriter,
+    claim: &mut Claim,
+    state: &mut GcState,
+    written: &mut HashSet<Id>,
+) -> Result<()> {
+    let (id, parts) = seg.finish();
+    claim.renew(repo.store().as_ref(), state).await?;
+    repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
+    written.insert(id);
     Ok(())
 }
 

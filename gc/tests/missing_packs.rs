@@ -18,20 +18,37 @@ use object_store::{ObjectStore, ObjectStoreExt};
 struct Quiet;
 impl PushProgress for Quiet {}
 
+/// An empty `src/` under `tmp`.
+fn source(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    src
+}
+
+/// A new repository on a fresh in-memory bucket, its local cache under `tmp/cache`.
+async fn repository(tmp: &tempfile::TempDir, cache: &str) -> (Arc<InMemory>, Repository) {
+    let inner = Arc::new(InMemory::new());
+    let repo = Repository::init_on(inner.clone(), "memory://", Chunking::default(), &tmp.path().join(cache))
+        .await
+        .unwrap();
+    (inner, repo)
+}
+
+/// Push `dir` without a parent; the new snapshot's id.
+async fn push_dir(repo: &Repository, dir: &std::path::Path) -> cairn_store::Id {
+    let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(dir, Kind::Fs) };
+    push(repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap().snapshot
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_pack_leaves_the_index_and_the_next_push_stores_its_chunks_again() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let src = source(&tmp);
     let data: Vec<u8> = (0..300_000u32).flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()).collect();
     std::fs::write(src.join("f"), &data).unwrap();
-    let inner = Arc::new(InMemory::new());
+    let (inner, repo) = repository(&tmp, "c1").await;
     let store: Arc<dyn ObjectStore> = inner.clone();
-    let repo = Repository::init_on(store.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
-        .await
-        .unwrap();
-    let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) };
-    let first = push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+    let first = push_dir(&repo, &src).await;
 
     // The bucket loses the data pack.
     let packs: Vec<Path> =
@@ -52,9 +69,9 @@ async fn a_lost_pack_leaves_the_index_and_the_next_push_stores_its_chunks_again(
 
     // Another host pushes the same data: it must store it again, not point at the lost pack.
     let other = Repository::open_on(store.clone(), "memory://", &tmp.path().join("c2")).await.unwrap();
-    push(&other, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+    push_dir(&other, &src).await;
     // The first snapshot did lose its data; once it is forgotten, everything left is whole.
-    inner.delete(&Path::from(cairn_store::format::snapshot::object_name(&first.snapshot))).await.unwrap();
+    inner.delete(&Path::from(cairn_store::format::snapshot::object_name(&first))).await.unwrap();
     let checked = check(&other, true).await.unwrap();
     assert!(checked.is_ok(), "{:?}", checked.damage);
     assert_eq!(checked.snapshots, 1);
@@ -65,24 +82,19 @@ async fn a_lost_pack_leaves_the_index_and_the_next_push_stores_its_chunks_again(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handle_older_than_a_repack_reads_the_moved_chunks() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let src = source(&tmp);
     let bytes = |seed: u32| -> Vec<u8> {
         (0..75_000u32).flat_map(|i| (i ^ seed).wrapping_mul(2_654_435_761).to_le_bytes()).collect()
     };
     let (x, y) = (bytes(1), bytes(0xdead_beef));
     std::fs::write(src.join("x"), &x).unwrap();
     std::fs::write(src.join("y"), &y).unwrap();
-    let inner = Arc::new(InMemory::new());
+    let (inner, old) = repository(&tmp, "c1").await;
     let store: Arc<dyn ObjectStore> = inner.clone();
-    let old = Repository::init_on(store.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
-        .await
-        .unwrap();
-    let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) };
-    let first = push(&old, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+    let first = push_dir(&old, &src).await;
     std::fs::remove_file(src.join("y")).unwrap();
-    let second = push(&old, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
-    inner.delete(&Path::from(cairn_store::format::snapshot::object_name(&first.snapshot))).await.unwrap();
+    let second = push_dir(&old, &src).await;
+    inner.delete(&Path::from(cairn_store::format::snapshot::object_name(&first))).await.unwrap();
 
     // Another host collects: x's chunks move to a new pack, their old pack (half y) goes.
     let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
@@ -90,7 +102,7 @@ async fn a_handle_older_than_a_repack_reads_the_moved_chunks() {
     assert!(report.packs_repacked >= 1 && report.packs_deleted >= 1, "{report:?}");
 
     // The old handle's chunk index still names the deleted pack.
-    let snap = old.load_snapshot(&second.snapshot).await.unwrap();
+    let snap = old.load_snapshot(&second).await.unwrap();
     let cairn_store::format::tree::NodeKind::Dir { tree } = snap.root.kind else { panic!("a directory") };
     let nodes = old.read_dir(&tree).await.unwrap();
     let file = nodes.iter().find(|n| n.name == b"x").unwrap();
@@ -108,23 +120,13 @@ async fn a_handle_older_than_a_repack_reads_the_moved_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_stored_only_in_a_data_pack_is_still_found() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let src = source(&tmp);
     std::fs::write(src.join("a"), b"hello").unwrap();
-    let opts =
-        |dir: &std::path::Path| PushOptions { parent: ParentSpec::None, ..PushOptions::new(dir, Kind::Fs) };
 
     // The bytes of src's tree object, from a scratch repository.
-    let scratch = Repository::init_on(
-        Arc::new(InMemory::new()),
-        "memory://",
-        Chunking::default(),
-        &tmp.path().join("c0"),
-    )
-    .await
-    .unwrap();
-    let pushed = push(&scratch, &opts(&src), &Quiet, &AtomicBool::new(false)).await.unwrap();
-    let snap = scratch.load_snapshot(&pushed.snapshot).await.unwrap();
+    let (_, scratch) = repository(&tmp, "c0").await;
+    let pushed = push_dir(&scratch, &src).await;
+    let snap = scratch.load_snapshot(&pushed).await.unwrap();
     let cairn_store::format::tree::NodeKind::Dir { tree } = snap.root.kind else { panic!("a directory") };
     let tree_bytes = scratch.read_chunk(&tree).await.unwrap();
 
@@ -132,12 +134,9 @@ async fn a_tree_stored_only_in_a_data_pack_is_still_found() {
     let decoy = tmp.path().join("decoy");
     std::fs::create_dir_all(&decoy).unwrap();
     std::fs::write(decoy.join("t"), &tree_bytes).unwrap();
-    let inner = Arc::new(InMemory::new());
-    let repo = Repository::init_on(inner.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
-        .await
-        .unwrap();
-    push(&repo, &opts(&decoy), &Quiet, &AtomicBool::new(false)).await.unwrap();
-    push(&repo, &opts(&src), &Quiet, &AtomicBool::new(false)).await.unwrap();
+    let (_, repo) = repository(&tmp, "c1").await;
+    push_dir(&repo, &decoy).await;
+    push_dir(&repo, &src).await;
 
     let report = gc(&repo, &GcOptions::default()).await.unwrap();
     assert_eq!(report.snapshots, 2, "{report:?}");
@@ -151,16 +150,11 @@ async fn a_tree_stored_only_in_a_data_pack_is_still_found() {
 async fn a_lost_metadata_pack_with_a_copy_elsewhere_does_not_stop_gc() {
     use cairn_store::format::index::{IndexSegment, IndexedPack};
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let src = source(&tmp);
     std::fs::write(src.join("a"), b"hello").unwrap();
-    let inner = Arc::new(InMemory::new());
+    let (inner, repo) = repository(&tmp, "c1").await;
     let store: Arc<dyn ObjectStore> = inner.clone();
-    let repo = Repository::init_on(store.clone(), "memory://", Chunking::default(), &tmp.path().join("c1"))
-        .await
-        .unwrap();
-    let opts = PushOptions { parent: ParentSpec::None, ..PushOptions::new(&src, Kind::Fs) };
-    push(&repo, &opts, &Quiet, &AtomicBool::new(false)).await.unwrap();
+    push_dir(&repo, &src).await;
 
     // The metadata pack and the segment that names it.
     let list = |prefix: &'static str| {

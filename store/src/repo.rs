@@ -250,12 +250,17 @@ impl Repository {
     /// An index segment from the bucket, checked against its name, to be read a pack at a
     /// time.
     pub async fn read_segment(&self, id: &Id) -> Result<SegmentReader> {
+        SegmentReader::open(self.fetch_segment(id).await?, &index::object_name(id))
+    }
+
+    /// A whole index segment, checked against its name.
+    async fn fetch_segment(&self, id: &Id) -> Result<Bytes> {
         let name = index::object_name(id);
         let bytes = self.get(&name).await?;
         if Id::of(&bytes) != *id {
             return Err(Error::corrupt(&name, "content does not match its id"));
         }
-        SegmentReader::open(bytes, &name)
+        Ok(bytes)
     }
 
     /// Read an index segment as it downloads, without holding the object: `visit` runs on
@@ -273,10 +278,7 @@ impl Repository {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let name = index::object_name(id);
         if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
-            let bytes = self.get(&name).await?;
-            if Id::of(&bytes) != *id {
-                return Err(Error::corrupt(&name, "content does not match its id"));
-            }
+            let bytes = self.fetch_segment(id).await?;
             let source: Box<dyn std::io::BufRead + Send> = Box::new(std::io::Cursor::new(bytes));
             return visit(&mut SegmentReader::from_source(source, &name)?);
         }
