@@ -107,11 +107,18 @@ pub struct GcArgs {
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_wait: std::time::Duration,
     /// Rewrite packs whose live bytes are under this fraction of their size (0 turns it off).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = fraction)]
     pub repack_below: f64,
     /// Read at most this much of packs to rewrite in one run (e.g. 4GiB).
     #[arg(long, default_value = "4GiB")]
     pub max_repack: bytesize::ByteSize,
+}
+
+fn fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s} is not a fraction between 0 and 1 (e.g. 0.5)")),
+    }
 }
 
 /// GC's memory is its live set plus one index segment or pack batch at a time, all large
@@ -127,7 +134,12 @@ fn return_large_frees_to_the_os() {
     }
 }
 
-pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Result<()> {
+pub async fn gc(
+    repo: &cairn_store::Repository,
+    args: &GcArgs,
+    json: bool,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     return_large_frees_to_the_os();
     let opts = cairn_gc::GcOptions {
         dry_run: args.dry_run,
@@ -137,7 +149,10 @@ pub async fn gc(repo: &cairn_store::Repository, args: &GcArgs, json: bool) -> Re
         max_repack: args.max_repack.as_u64(),
         ..Default::default()
     };
-    let r = cairn_gc::gc(repo, &opts).await?;
+    let bar = crate::progress::Phases::new("gc");
+    let result = cairn_gc::gc(repo, &opts, &bar, cancel).await;
+    bar.finish();
+    let r = result?;
     if json {
         return crate::print_json(&r);
     }

@@ -224,12 +224,22 @@ fn main() -> ExitCode {
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    // Commands that read the flag stop cleanly; the others (inspection, gc, forget: which
-    // change nothing until their last step, or only through conditional writes) exit at once.
+    // Commands that read the flag stop cleanly; the others (inspection, forget: which change
+    // nothing until their last step, or only through conditional writes) exit at once. GC
+    // stops to release its claim on gc/state: killed, it would hold off the next run for the
+    // lease timeout.
     let stops_cleanly = matches!(
         cli.command,
-        Command::Push { .. } | Command::Restore { .. } | Command::Mount(_) | Command::Volume { .. }
+        Command::Push { .. }
+            | Command::Restore { .. }
+            | Command::Mount(_)
+            | Command::Volume { .. }
+            | Command::Gc(_)
     );
+    let interrupted = match cli.command {
+        Command::Gc(_) => "interrupted: gc stopped where it was safe to; the next run finishes the job",
+        _ => "interrupted: nothing was committed",
+    };
     runtime.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             if !stops_cleanly {
@@ -247,7 +257,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if matches!(e.downcast_ref::<cairn_store::Error>(), Some(cairn_store::Error::Interrupted)) {
-                eprintln!("interrupted: nothing was committed");
+                eprintln!("{interrupted}");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
             // `cairn ls … | head` closing the pipe early is not an error.
@@ -613,7 +623,7 @@ async fn run(cli: Cli, cancel: &AtomicBool) -> Result<u8> {
             let url = repo_url(&cli)?;
             let repo =
                 Repository::open_bare(&url).await.with_context(|| format!("opening repository {url}"))?;
-            gc_cmd::gc(&repo, args, cli.json).await?;
+            gc_cmd::gc(&repo, args, cli.json, cancel).await?;
         }
         Command::Mount(args) if args.rw => {
             let repo = open(&cli).await?;

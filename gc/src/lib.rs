@@ -17,4 +17,4 @@ pub mod sweep;
 
 pub use forget::{forget, ForgetOptions, ForgetReport};
 pub use retention::{Decision, Policy};
-pub use sweep::{gc, GcOptions, GcReport};
+pub use sweep::{gc, GcOptions, GcProgress, GcReport};

@@ -23,56 +23,65 @@ const BATCH_BYTES: u64 = 1 << 20;
 const READS_IN_FLIGHT: usize = 8;
 
 /// Where each metadata chunk of the index is.
-#[derive(Default)]
 pub struct MetaIndex {
     packs: Vec<PackId>,
     chunks: HashMap<Id, (u32, PackEntry)>,
-    segments: HashSet<Id>,
+    /// The segments read, with their sizes.
+    segments: Vec<(Id, u64)>,
     indexed: usize,
+    /// The packs of the bucket's listing: a chunk indexed in several packs is read from one
+    /// of these, so a pack the bucket lost does not stop GC while a copy exists.
+    listed: HashSet<PackId>,
+    /// Packs a read found missing: never read from again.
+    gone: HashSet<PackId>,
 }
 
 impl MetaIndex {
+    pub fn new(listed: &HashMap<PackId, u64>) -> MetaIndex {
+        MetaIndex {
+            packs: Vec::new(),
+            chunks: HashMap::new(),
+            segments: Vec::new(),
+            indexed: 0,
+            listed: listed.keys().copied().collect(),
+            gone: HashSet::new(),
+        }
+    }
+
     /// Take in the index segments not read before (all of them, the first time). A chunk
-    /// indexed in several packs (two pushes that did not know of each other) keeps a
-    /// location in a pack of `listed` (the bucket's listing) over one in a pack that is not:
-    /// a pack the bucket lost must not stop GC while a copy exists.
-    pub async fn update(
-        &mut self,
-        repo: &Repository,
-        segments: &[Id],
-        listed: &HashMap<PackId, u64>,
-    ) -> Result<()> {
-        for id in segments {
-            if !self.segments.insert(*id) {
-                continue;
-            }
-            let (packs, chunks, indexed) = (&mut self.packs, &mut self.chunks, &mut self.indexed);
-            repo.visit_segment(id, |reader| {
-                while let Some(head) = reader.next_head()? {
-                    *indexed += head.chunks;
-                    if head.kind != PackKind::Meta {
-                        continue;
-                    }
-                    let slot = packs.len() as u32;
-                    packs.push(head.id);
-                    let here_listed = listed.contains_key(&head.id);
-                    while let Some(e) = reader.next_entry()? {
-                        match chunks.entry(e.id) {
-                            Entry::Occupied(mut seen) => {
-                                if here_listed || !listed.contains_key(&packs[seen.get().0 as usize]) {
-                                    seen.insert((slot, e));
-                                }
+    /// indexed in several metadata packs (two pushes that did not know of each other) keeps
+    /// a location in a listed pack over one in a pack that is not.
+    pub async fn update(&mut self, repo: &Repository, segments: &[(Id, u64)]) -> Result<()> {
+        let seen: HashSet<Id> = self.segments.iter().map(|(id, _)| *id).collect();
+        let new: Vec<(Id, u64)> = segments.iter().filter(|(id, _)| !seen.contains(id)).copied().collect();
+        let (packs, chunks, indexed, listed) =
+            (&mut self.packs, &mut self.chunks, &mut self.indexed, &self.listed);
+        repo.visit_segments(&new, |_, reader| {
+            while let Some(head) = reader.next_head()? {
+                *indexed = indexed.saturating_add(head.chunks);
+                if head.kind != PackKind::Meta {
+                    continue;
+                }
+                let slot = packs.len() as u32;
+                packs.push(head.id);
+                let here_listed = listed.contains(&head.id);
+                while let Some(e) = reader.next_entry()? {
+                    match chunks.entry(e.id) {
+                        Entry::Occupied(mut seen) => {
+                            if here_listed || !listed.contains(&packs[seen.get().0 as usize]) {
+                                seen.insert((slot, e));
                             }
-                            Entry::Vacant(v) => {
-                                v.insert((slot, e));
-                            }
+                        }
+                        Entry::Vacant(v) => {
+                            v.insert((slot, e));
                         }
                     }
                 }
-                reader.supersedes().map(drop)
-            })
-            .await?;
-        }
+            }
+            reader.supersedes().map(drop)
+        })
+        .await?;
+        self.segments.extend(new);
         Ok(())
     }
 
@@ -87,33 +96,58 @@ impl MetaIndex {
 
     /// Find `wanted` in packs of any kind. A push deduplicates a tree page or chunk list
     /// against any stored chunk, so one can live only in a data pack (a file holding the same
-    /// bytes, which a sandbox can write on purpose). Rare, so a whole pass over the index
-    /// for each batch that meets one is fine; a chunk found nowhere is missing.
+    /// bytes, which a sandbox can write on purpose); and the metadata pack a chunk was found
+    /// in may turn out to be lost while another pack holds a copy. Rare, so one pass over the
+    /// whole index per call is fine; [`mark`] gathers what it cannot locate and asks once it
+    /// has nothing else to read, so a snapshot costs one pass per tree level that needs one.
+    /// A listed pack is preferred; a chunk found nowhere (but in packs found gone) is missing.
     async fn search(&mut self, repo: &Repository, mut wanted: HashSet<Id>) -> Result<()> {
-        let segments: Vec<Id> = self.segments.iter().copied().collect();
-        for id in &segments {
-            let (packs, chunks, wanted) = (&mut self.packs, &mut self.chunks, &mut wanted);
-            repo.visit_segment(id, |reader| {
+        let mut unlisted: HashMap<Id, (PackId, PackEntry)> = HashMap::new();
+        {
+            let (packs, chunks, wanted, unlisted, listed, gone) =
+                (&mut self.packs, &mut self.chunks, &mut wanted, &mut unlisted, &self.listed, &self.gone);
+            repo.visit_segments(&self.segments, |_, reader| {
                 while let Some(head) = reader.next_head()? {
+                    if gone.contains(&head.id) {
+                        continue;
+                    }
+                    let here_listed = listed.contains(&head.id);
                     let mut slot = None;
                     while let Some(e) = reader.next_entry()? {
-                        if wanted.remove(&e.id) {
-                            let slot = *slot.get_or_insert_with(|| {
-                                packs.push(head.id);
-                                packs.len() as u32 - 1
-                            });
-                            chunks.insert(e.id, (slot, e));
+                        if !wanted.contains(&e.id) {
+                            continue;
                         }
+                        if !here_listed {
+                            unlisted.entry(e.id).or_insert((head.id, e));
+                            continue;
+                        }
+                        wanted.remove(&e.id);
+                        let slot = *slot.get_or_insert_with(|| {
+                            packs.push(head.id);
+                            packs.len() as u32 - 1
+                        });
+                        chunks.insert(e.id, (slot, e));
                     }
                 }
                 reader.supersedes().map(drop)
             })
             .await?;
         }
-        match wanted.into_iter().next() {
-            Some(id) => Err(Error::MissingChunk(id)),
-            None => Ok(()),
+        // Packs stored after the listing (a root committed meanwhile) are not listed either.
+        for id in wanted {
+            let Some((pack, e)) = unlisted.remove(&id) else { return Err(Error::MissingChunk(id)) };
+            self.packs.push(pack);
+            self.chunks.insert(id, (self.packs.len() as u32 - 1, e));
         }
+        Ok(())
+    }
+
+    /// A read found `pack` missing: forget every location in it, so the chunks it held are
+    /// searched for elsewhere.
+    fn lost(&mut self, pack: PackId) {
+        self.gone.insert(pack);
+        let packs = &self.packs;
+        self.chunks.retain(|_, (slot, _)| packs[*slot as usize] != pack);
     }
 }
 
@@ -143,11 +177,17 @@ pub async fn mark(
     live: &mut LiveSet,
 ) -> Result<()> {
     let mut todo = Vec::new();
+    // Chunks no metadata pack of the index holds: searched for all at once when nothing
+    // else is left to read.
+    let mut unknown: Vec<Todo> = Vec::new();
     mark_nodes(std::slice::from_ref(&snap.root), live, &mut todo);
-    while !todo.is_empty() {
+    while !todo.is_empty() || !unknown.is_empty() {
+        if todo.is_empty() {
+            meta.search(repo, unknown.iter().map(|t| *t.id()).collect()).await?;
+            todo.append(&mut unknown);
+        }
         // Taken from the end: the walk stays close to depth first, so `todo` stays small.
         let mut by_pack: HashMap<u32, Vec<(PackEntry, Todo)>> = HashMap::new();
-        let mut unknown = Vec::new();
         let mut bytes = 0;
         while let Some(t) = todo.pop() {
             match meta.locate(t.id()) {
@@ -161,22 +201,35 @@ pub async fn mark(
                 break;
             }
         }
-        if !unknown.is_empty() {
-            meta.search(repo, unknown.iter().map(|t| *t.id()).collect()).await?;
-            todo.extend(unknown);
-        }
-        let meta = &*meta;
+        let meta_ref = &*meta;
         let mut reads = futures::stream::iter(by_pack.into_iter().map(|(slot, mut items)| async move {
             items.sort_by_key(|(e, _)| e.offset);
             let entries: Vec<PackEntry> = items.iter().map(|(e, _)| *e).collect();
-            let chunks = repo.read_pack_chunks(&meta.packs[slot as usize], &entries).await?;
-            Ok::<_, Error>(items.into_iter().map(|(_, t)| t).zip(chunks).collect::<Vec<_>>())
+            let pack = meta_ref.packs[slot as usize];
+            let read = repo.read_pack_chunks(&pack, &entries).await;
+            (pack, items, read)
         }))
         .buffer_unordered(READS_IN_FLIGHT);
-        while let Some(read) = reads.next().await {
-            for (t, bytes) in read? {
-                take(t, &bytes, live, &mut todo)?;
+        let mut lost = Vec::new();
+        while let Some((pack, items, read)) = reads.next().await {
+            match read {
+                Ok(chunks) => {
+                    for ((_, t), bytes) in items.into_iter().zip(chunks) {
+                        take(t, &bytes, live, &mut todo)?;
+                    }
+                }
+                // A pack the listing did not hold and the bucket does not have: look for
+                // copies of its chunks elsewhere (none, and the search says they are missing).
+                Err(Error::NotFound(_)) if !meta_ref.listed.contains(&pack) => {
+                    lost.push(pack);
+                    unknown.extend(items.into_iter().map(|(_, t)| t));
+                }
+                Err(e) => return Err(e),
             }
+        }
+        drop(reads);
+        for pack in lost {
+            meta.lost(pack);
         }
     }
     Ok(())

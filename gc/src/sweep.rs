@@ -12,6 +12,7 @@
 //! A run killed at any step leaves a consistent repository; the next run finishes the job.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,6 +63,24 @@ impl Default for GcOptions {
     }
 }
 
+/// What a long GC run is doing, for progress bars. Each phase replaces the last; `advance`
+/// counts towards the phase's `total` (snapshots marked, segments written, packs deleted).
+pub trait GcProgress: Sync {
+    fn phase(&self, _name: &str, _total: Option<u64>) {}
+    fn advance(&self, _n: u64) {}
+}
+
+impl GcProgress for cairn_store::push::NoProgress {}
+
+/// Stop at the next point where stopping is clean: [`gc`] then releases its claim on
+/// `gc/state`, so the next run can start at once and finish the job.
+fn stop_if(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::SeqCst) {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub dry_run: bool,
@@ -101,10 +120,11 @@ impl Phases {
 }
 
 /// The index segments and, per indexed pack, its size, its live bytes and whether it holds a
-/// live chunk no repacked copy holds. Segments are read one at a time, so memory holds one
-/// segment and a few numbers per pack, not every table.
+/// live chunk no repacked copy holds. Segments are streamed (small ones fetched a few
+/// ahead), so memory holds a few MiB of them and a few numbers per pack, not every table.
 struct IndexView {
-    segments: Vec<Id>,
+    /// With their sizes.
+    segments: Vec<(Id, u64)>,
     /// Chunk entries each segment lists.
     segment_chunks: HashMap<Id, usize>,
     packs: HashMap<PackId, PackUse>,
@@ -126,12 +146,13 @@ impl IndexView {
     }
 }
 
-async fn segment_ids(repo: &Repository) -> Result<Vec<Id>> {
-    let mut segments: Vec<Id> = repo
+/// The index segments, with their sizes, in name order.
+async fn segment_ids(repo: &Repository) -> Result<Vec<(Id, u64)>> {
+    let mut segments: Vec<(Id, u64)> = repo
         .list("index")
         .await?
         .into_iter()
-        .filter_map(|(n, _)| n.strip_prefix("index/").and_then(|h| h.parse().ok()))
+        .filter_map(|(n, size)| n.strip_prefix("index/").and_then(|h| h.parse().ok()).map(|id| (id, size)))
         .collect();
     segments.sort();
     Ok(segments)
@@ -140,29 +161,27 @@ async fn segment_ids(repo: &Repository) -> Result<Vec<Id>> {
 async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> Result<IndexView> {
     let segments = segment_ids(repo).await?;
     let mut packs: HashMap<PackId, PackUse> = HashMap::new();
-    let mut segment_chunks = HashMap::new();
-    for id in &segments {
+    let mut segment_chunks: HashMap<Id, usize> = HashMap::new();
+    repo.visit_segments(&segments, |id, reader| {
         let listed = segment_chunks.entry(*id).or_insert(0);
-        repo.visit_segment(id, |reader| {
-            while let Some(head) = reader.next_head()? {
-                *listed += head.chunks;
-                if packs.contains_key(&head.id) {
-                    continue; // indexed twice: counted once
-                }
-                let mut u = PackUse { len: head.len, ..Default::default() };
-                while let Some(c) = reader.next_entry()? {
-                    u.chunk_bytes += c.stored_len as u64;
-                    if live.contains(&c.id) {
-                        u.live_bytes += c.stored_len as u64;
-                        u.needed |= !copied.contains(&c.id);
-                    }
-                }
-                packs.insert(head.id, u);
+        while let Some(head) = reader.next_head()? {
+            *listed = listed.saturating_add(head.chunks);
+            if packs.contains_key(&head.id) {
+                continue; // indexed twice: counted once
             }
-            reader.supersedes().map(drop)
-        })
-        .await?;
-    }
+            let mut u = PackUse { len: head.len, ..Default::default() };
+            while let Some(c) = reader.next_entry()? {
+                u.chunk_bytes += c.stored_len as u64;
+                if live.contains(&c.id) {
+                    u.live_bytes += c.stored_len as u64;
+                    u.needed |= !copied.contains(&c.id);
+                }
+            }
+            packs.insert(head.id, u);
+        }
+        reader.supersedes().map(drop)
+    })
+    .await?;
     Ok(IndexView { segments, segment_chunks, packs })
 }
 
@@ -173,6 +192,7 @@ async fn read_index(repo: &Repository, live: &LiveSet, copied: &HashSet<Id>) -> 
 async fn repack(
     repo: &Repository,
     view: &IndexView,
+    listed: &HashMap<PackId, u64>,
     live: &LiveSet,
     opts: &GcOptions,
     copied: &mut HashSet<Id>,
@@ -181,8 +201,12 @@ async fn repack(
     let mut candidates: Vec<(&PackId, &PackUse)> = view
         .packs
         .iter()
-        .filter(|(_, u)| {
-            u.needed && u.chunk_bytes > 0 && (u.live_bytes as f64) < opts.repack_below * u.chunk_bytes as f64
+        // Not packs the bucket lost: they cannot be read, and leave the index instead.
+        .filter(|(p, u)| {
+            listed.contains_key(p)
+                && u.needed
+                && u.chunk_bytes > 0
+                && (u.live_bytes as f64) < opts.repack_below * u.chunk_bytes as f64
         })
         .collect();
     candidates.sort_by(|a, b| {
@@ -363,9 +387,17 @@ async fn delete(store: &dyn ObjectStore, name: &str) -> Result<()> {
     }
 }
 
-pub async fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
+/// Collect. `cancel` stops the run at the next clean point (between snapshots while marking,
+/// while waiting for writers, between segments and between pack deletes) with
+/// [`Error::Interrupted`]; whatever it had done is then finished by the next run.
+pub async fn gc(
+    repo: &Repository,
+    opts: &GcOptions,
+    progress: &dyn GcProgress,
+    cancel: &AtomicBool,
+) -> Result<GcReport> {
     let run = hex_id();
-    let result = run_gc(repo, opts, &run).await;
+    let result = run_gc(repo, opts, &run, progress, cancel).await;
     if result.is_err() && !opts.dry_run {
         release_claim(repo, &run).await;
     }
@@ -384,7 +416,13 @@ async fn release_claim(repo: &Repository, run: &str) {
     }
 }
 
-async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcReport> {
+async fn run_gc(
+    repo: &Repository,
+    opts: &GcOptions,
+    run: &str,
+    progress: &dyn GcProgress,
+    cancel: &AtomicBool,
+) -> Result<GcReport> {
     let before = repo.requests();
     let store: Arc<dyn ObjectStore> = repo.store().clone();
     let mut report = GcReport { dry_run: opts.dry_run, ..Default::default() };
@@ -427,8 +465,8 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     let listed = list_packs(repo).await?;
     let roots = committed(repo, &leases).await?;
     // Listed after the roots: a root's chunks were indexed before it was committed.
-    let mut meta = MetaIndex::default();
-    meta.update(repo, &segment_ids(repo).await?, &listed).await?;
+    let mut meta = MetaIndex::new(&listed);
+    meta.update(repo, &segment_ids(repo).await?).await?;
     for h in &heads {
         if !roots.iter().any(|(id, _)| *id == h.snapshot) {
             // The head may have moved on and its old snapshot been forgotten since we read it.
@@ -444,8 +482,11 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         }
     }
     let mut live = LiveSet::with_capacity(meta.indexed());
+    progress.phase("mark", Some(roots.len() as u64));
     for (_, snap) in &roots {
+        stop_if(cancel)?;
         mark(repo, &mut meta, snap, &mut live).await?;
+        progress.advance(1);
     }
     live.seal_for_lookups();
     let mut copied: HashSet<Id> = HashSet::new();
@@ -470,7 +511,9 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
 
     // Repack mostly dead packs; their originals then join the condemned.
     if opts.repack_below > 0.0 {
-        let new_packs = repack(repo, &view, &live, opts, &mut copied, &mut report).await?;
+        stop_if(cancel)?;
+        progress.phase("repack", None);
+        let new_packs = repack(repo, &view, &listed, &live, opts, &mut copied, &mut report).await?;
         if report.packs_repacked > 0 {
             view = read_index(repo, &live, &copied).await?;
             condemned.extend(listed.keys().filter(|p| view.packs.contains_key(p) && !view.needed(p)));
@@ -490,6 +533,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     phases.done("condemn");
 
     // 3. Wait for every lease that may predate the condemnation.
+    progress.phase("wait for writers", None);
     let seen: HashSet<String> = read_leases(repo).await?.into_iter().map(|l| l.name).collect();
     report.leases_waited = seen.len();
     let waiting_since = Instant::now();
@@ -538,6 +582,7 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
                 humantime::format_duration(opts.max_wait)
             )));
         }
+        stop_if(cancel)?;
         // A long wait must not make this run look dead to the next one.
         claim.renew_if_due(store.as_ref(), &mut gc_state).await?;
         tokio::time::sleep(opts.poll).await;
@@ -547,10 +592,12 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
     phases.done("wait for writers");
 
     // 4. Mark again: snapshots committed meanwhile may use chunks of condemned packs.
+    stop_if(cancel)?;
+    progress.phase("mark again", None);
     let now_committed = committed(repo, &final_leases).await?;
     let segments_now = segment_ids(repo).await?;
     let indexed_before = meta.indexed();
-    meta.update(repo, &segments_now, &listed).await?;
+    meta.update(repo, &segments_now).await?;
     let indexed = meta.indexed();
     live.reserve(indexed - indexed_before);
     let mut marked_more = false;
@@ -609,13 +656,20 @@ async fn run_gc(repo: &Repository, opts: &GcOptions, run: &str) -> Result<GcRepo
         phases.done("compact index (not needed)");
     } else {
         let dropped: HashSet<PackId> = condemned.union(&missing).copied().collect();
-        compact_index(repo, &view, &dropped, &mut claim, &mut gc_state, &mut report).await?;
+        progress.phase("compact index", Some(view.segments.len() as u64));
+        let mut writer =
+            Compactor { claim: &mut claim, state: &mut gc_state, written: HashSet::new(), cancel };
+        compact_index(repo, &view, &dropped, &mut writer, progress, &mut report).await?;
         phases.done("compact index");
     }
 
     // 6. Delete the condemned packs, still holding the claim (see `Claim`).
+    stop_if(cancel)?;
+    progress.phase("delete packs", Some(condemned.len() as u64));
     claim.renew(store.as_ref(), &mut gc_state).await?;
     for p in &condemned {
+        stop_if(cancel)?;
+        progress.advance(1);
         claim.renew_if_due(store.as_ref(), &mut gc_state).await?;
         delete(store.as_ref(), &pack::object_name(p)).await?;
         report.packs_deleted += 1;
@@ -667,23 +721,43 @@ async fn missing_packs(
     Ok(missing)
 }
 
+/// Where compacted segments go: each is stored still holding the claim (see `Claim`), and a
+/// cancelled run stops between them (the old segments stay until every new one is stored,
+/// and readers take the union, so a partial compaction only lists packs twice).
+struct Compactor<'a> {
+    claim: &'a mut Claim,
+    state: &'a mut GcState,
+    written: HashSet<Id>,
+    cancel: &'a AtomicBool,
+}
+
+impl Compactor<'_> {
+    async fn store(&mut self, repo: &Repository, seg: SegmentWriter) -> Result<()> {
+        stop_if(self.cancel)?;
+        let (id, parts) = seg.finish();
+        self.claim.renew(repo.store().as_ref(), self.state).await?;
+        repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
+        self.written.insert(id);
+        Ok(())
+    }
+}
+
 /// Write the index again without the `condemned` packs (and missing ones), then delete the
 /// old segments.
 async fn compact_index(
     repo: &Repository,
     view: &IndexView,
     condemned: &HashSet<PackId>,
-    claim: &mut Claim,
-    state: &mut GcState,
+    out: &mut Compactor<'_>,
+    progress: &dyn GcProgress,
     report: &mut GcReport,
 ) -> Result<()> {
     let store = repo.store().clone();
-    let segments = &view.segments;
-    let fresh = || SegmentWriter::new(segments.to_vec());
+    let segments: Vec<Id> = view.segments.iter().map(|(id, _)| *id).collect();
+    let fresh = || SegmentWriter::new(segments.clone());
     let mut seg = fresh();
     let mut emitted: HashSet<PackId> = HashSet::new();
-    let mut written = HashSet::new();
-    for old in segments {
+    for old in &segments {
         // Streamed. What an input gives is stored only once that input has been read to its
         // end and found to match its name, so outputs are cut between inputs: before an
         // input that could take one past a segment's worth, and once one is full. An output
@@ -691,7 +765,7 @@ async fn compact_index(
         // nothing else (so it does not grow from run to run).
         let incoming = view.segment_chunks.get(old).copied().unwrap_or(MAX_CHUNKS_PER_SEGMENT);
         if !seg.is_empty() && seg.chunk_count() + incoming > MAX_CHUNKS_PER_SEGMENT {
-            store_segment(repo, std::mem::replace(&mut seg, fresh()), claim, state, &mut written).await?;
+            out.store(repo, std::mem::replace(&mut seg, fresh())).await?;
         }
         repo.visit_segment(old, |reader| {
             while let Some(head) = reader.next_head()? {
@@ -708,35 +782,22 @@ async fn compact_index(
         })
         .await?;
         if seg.chunk_count() >= MAX_CHUNKS_PER_SEGMENT {
-            store_segment(repo, std::mem::replace(&mut seg, fresh()), claim, state, &mut written).await?;
+            out.store(repo, std::mem::replace(&mut seg, fresh())).await?;
         }
+        progress.advance(1);
     }
-    if !seg.is_empty() || written.is_empty() {
-        store_segment(repo, seg, claim, state, &mut written).await?;
+    if !seg.is_empty() || out.written.is_empty() {
+        out.store(repo, seg).await?;
     }
-    report.segments_written = written.len();
-    claim.renew(store.as_ref(), state).await?;
-    for old in segments {
-        if !written.contains(old) {
+    report.segments_written = out.written.len();
+    stop_if(out.cancel)?;
+    out.claim.renew(store.as_ref(), out.state).await?;
+    for old in &segments {
+        if !out.written.contains(old) {
             delete(store.as_ref(), &index::object_name(old)).await?;
             report.segments_deleted += 1;
         }
     }
-    Ok(())
-}
-
-/// Store a compacted segment, still holding the claim (see `Claim`).
-async fn store_segment(
-    repo: &Repository,
-    seg: SegmentWriter,
-    claim: &mut Claim,
-    state: &mut GcState,
-    written: &mut HashSet<Id>,
-) -> Result<()> {
-    let (id, parts) = seg.finish();
-    claim.renew(repo.store().as_ref(), state).await?;
-    repo.put(&index::object_name(&id), PutPayload::from_iter(parts)).await?;
-    written.insert(id);
     Ok(())
 }
 

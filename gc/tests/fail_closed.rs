@@ -10,6 +10,7 @@ use bytes::Bytes;
 use cairn_gc::{gc, GcOptions};
 use cairn_store::format::config::Chunking;
 use cairn_store::format::lease::GcState;
+use cairn_store::push::NoProgress;
 use cairn_store::push::{push, ParentSpec, PushOptions, PushProgress};
 use cairn_store::{Kind, Repository};
 use futures::stream::BoxStream;
@@ -155,7 +156,7 @@ async fn list_or_read_errors_before_the_sweep_delete_nothing() {
         let objects = object_count(&inner).await;
         faulty.armed.store(true, Ordering::SeqCst);
         let deletes_before = repo.requests().deletes;
-        let result = gc(&repo, &GcOptions::default()).await;
+        let result = gc(&repo, &GcOptions::default(), &NoProgress, &AtomicBool::new(false)).await;
         assert!(result.is_err(), "gc went on despite failing reads of {prefix}/");
         assert_eq!(
             repo.requests().deletes,
@@ -165,7 +166,7 @@ async fn list_or_read_errors_before_the_sweep_delete_nothing() {
         assert!(object_count(&inner).await >= objects, "objects disappeared ({prefix})");
         // Disarmed, the same gc frees the garbage.
         faulty.armed.store(false, Ordering::SeqCst);
-        let report = gc(&repo, &GcOptions::default()).await.unwrap();
+        let report = gc(&repo, &GcOptions::default(), &NoProgress, &AtomicBool::new(false)).await.unwrap();
         assert!(report.packs_deleted >= 1, "{prefix}: {report:?}");
     }
 }
@@ -202,9 +203,13 @@ async fn a_run_that_lost_its_claim_touches_neither_index_nor_packs() {
     // The claim is the first write of gc/state, the condemnation the second.
     faulty.usurp_at.store(2, Ordering::SeqCst);
     let deletes_before = repo.requests().deletes;
-    let result =
-        gc(&repo, &GcOptions { lease_timeout: std::time::Duration::from_secs(60), ..Default::default() })
-            .await;
+    let result = gc(
+        &repo,
+        &GcOptions { lease_timeout: std::time::Duration::from_secs(60), ..Default::default() },
+        &NoProgress,
+        &AtomicBool::new(false),
+    )
+    .await;
     assert!(matches!(result, Err(cairn_store::Error::Conflict(_))), "{result:?}");
     assert_eq!(repo.requests().deletes, deletes_before, "a usurped run deleted something");
     assert_eq!(names(&inner, "packs").await, packs);

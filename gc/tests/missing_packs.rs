@@ -7,7 +7,9 @@ use std::sync::Arc;
 use cairn_gc::{gc, GcOptions};
 use cairn_store::commands::check;
 use cairn_store::format::config::Chunking;
+use cairn_store::format::index::{IndexSegment, IndexedPack};
 use cairn_store::format::pack::{self, PackKind};
+use cairn_store::push::NoProgress;
 use cairn_store::push::{push, ParentSpec, PushOptions, PushProgress};
 use cairn_store::{Kind, Repository};
 use futures::TryStreamExt;
@@ -63,7 +65,7 @@ async fn a_lost_pack_leaves_the_index_and_the_next_push_stores_its_chunks_again(
     }
     assert_eq!(lost, 1);
 
-    let report = gc(&repo, &GcOptions::default()).await.unwrap();
+    let report = gc(&repo, &GcOptions::default(), &NoProgress, &AtomicBool::new(false)).await.unwrap();
     assert_eq!(report.packs_missing, 1, "{report:?}");
     assert_eq!(report.packs_deleted, 0, "{report:?}");
 
@@ -98,7 +100,14 @@ async fn a_handle_older_than_a_repack_reads_the_moved_chunks() {
 
     // Another host collects: x's chunks move to a new pack, their old pack (half y) goes.
     let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
-    let report = gc(&collector, &GcOptions { repack_below: 0.9, ..Default::default() }).await.unwrap();
+    let report = gc(
+        &collector,
+        &GcOptions { repack_below: 0.9, ..Default::default() },
+        &NoProgress,
+        &AtomicBool::new(false),
+    )
+    .await
+    .unwrap();
     assert!(report.packs_repacked >= 1 && report.packs_deleted >= 1, "{report:?}");
 
     // The old handle's chunk index still names the deleted pack.
@@ -134,21 +143,35 @@ async fn a_tree_stored_only_in_a_data_pack_is_still_found() {
     let decoy = tmp.path().join("decoy");
     std::fs::create_dir_all(&decoy).unwrap();
     std::fs::write(decoy.join("t"), &tree_bytes).unwrap();
-    let (_, repo) = repository(&tmp, "c1").await;
+    let (inner, repo) = repository(&tmp, "c1").await;
     push_dir(&repo, &decoy).await;
     push_dir(&repo, &src).await;
 
-    let report = gc(&repo, &GcOptions::default()).await.unwrap();
+    // The premise: the tree is in a data pack and in no metadata pack.
+    let packs: Vec<IndexedPack> = segments(&inner).await.into_iter().flat_map(|(_, s)| s.packs).collect();
+    let holds = |kind| packs.iter().any(|p| p.kind == kind && p.chunks.iter().any(|e| e.id == tree));
+    assert!(holds(PackKind::Data) && !holds(PackKind::Meta));
+    let report = gc(&repo, &GcOptions::default(), &NoProgress, &AtomicBool::new(false)).await.unwrap();
     assert_eq!(report.snapshots, 2, "{report:?}");
     let checked = check(&repo, true).await.unwrap();
     assert!(checked.is_ok(), "{:?}", checked.damage);
 }
 
+/// Every segment of the bucket, decoded.
+async fn segments(inner: &InMemory) -> Vec<(Path, IndexSegment)> {
+    let names: Vec<Path> =
+        inner.list(Some(&Path::from("index"))).map_ok(|m| m.location).try_collect().await.unwrap();
+    let mut out = Vec::new();
+    for n in names {
+        let bytes = inner.get(&n).await.unwrap().bytes().await.unwrap();
+        out.push((n.clone(), IndexSegment::decode(&bytes, n.as_ref()).unwrap()));
+    }
+    out
+}
+
 /// A tree indexed in two packs, one of which the bucket lost: GC reads the copy that
 /// exists, whatever order the index lists them in, and drops the lost pack from the index.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_metadata_pack_with_a_copy_elsewhere_does_not_stop_gc() {
-    use cairn_store::format::index::{IndexSegment, IndexedPack};
+async fn lost_metadata_pack_with_a_copy(copy_sorts_first: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let src = source(&tmp);
     std::fs::write(src.join("a"), b"hello").unwrap();
@@ -157,28 +180,16 @@ async fn a_lost_metadata_pack_with_a_copy_elsewhere_does_not_stop_gc() {
     push_dir(&repo, &src).await;
 
     // The metadata pack and the segment that names it.
-    let list = |prefix: &'static str| {
-        let inner = inner.clone();
-        async move {
-            inner
-                .list(Some(&Path::from(prefix)))
-                .map_ok(|m| m.location)
-                .try_collect::<Vec<Path>>()
-                .await
-                .unwrap()
-        }
-    };
-    let segments = list("index").await;
-    assert_eq!(segments.len(), 1);
-    let original =
-        IndexSegment::decode(&inner.get(&segments[0]).await.unwrap().bytes().await.unwrap(), "i").unwrap();
+    let segs = segments(&inner).await;
+    assert_eq!(segs.len(), 1);
+    let (original_name, original) = &segs[0];
     let meta = original.packs.iter().find(|p| p.kind == PackKind::Meta).unwrap().clone();
-    // A copy of it under another name, indexed by a segment that sorts first, so the
-    // original's entries are the ones seen last.
+    // A copy of it under another name, indexed by a segment that sorts before (or after) the
+    // original's, so the original's entries are the ones seen last (or first).
     let copy_id = cairn_store::Id::of(b"a copy of the metadata pack");
     let bytes = inner.get(&Path::from(pack::object_name(&meta.id))).await.unwrap().bytes().await.unwrap();
     inner.put(&Path::from(pack::object_name(&copy_id)), bytes.into()).await.unwrap();
-    let original_id = segments[0].as_ref().rsplit('/').next().unwrap().to_string();
+    let original_id = original_name.as_ref().rsplit('/').next().unwrap().to_string();
     let (seg_id, seg_bytes) = (0u32..)
         .map(|n| {
             IndexSegment {
@@ -187,14 +198,107 @@ async fn a_lost_metadata_pack_with_a_copy_elsewhere_does_not_stop_gc() {
             }
             .encode()
         })
-        .find(|(id, _)| id.to_hex() < original_id)
+        .find(|(id, _)| (id.to_hex() < original_id) == copy_sorts_first)
         .unwrap();
     inner.put(&Path::from(cairn_store::format::index::object_name(&seg_id)), seg_bytes.into()).await.unwrap();
     // The bucket loses the original.
     inner.delete(&Path::from(pack::object_name(&meta.id))).await.unwrap();
 
     let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
-    let report = gc(&collector, &GcOptions::default()).await.unwrap();
+    let report = gc(&collector, &GcOptions::default(), &NoProgress, &AtomicBool::new(false)).await.unwrap();
     assert_eq!(report.packs_missing, 1, "{report:?}");
     assert_eq!(report.snapshots, 1, "{report:?}");
+    // The index now names the copy alone (which `check` would flag: it is not named by its
+    // content), and the metadata reads from it.
+    let reader = Repository::open_on(store, "memory://", &tmp.path().join("c2")).await.unwrap();
+    for e in &meta.chunks {
+        reader.read_chunk(&e.id).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_metadata_pack_with_a_copy_indexed_before_it_does_not_stop_gc() {
+    lost_metadata_pack_with_a_copy(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_metadata_pack_with_a_copy_indexed_after_it_does_not_stop_gc() {
+    lost_metadata_pack_with_a_copy(false).await;
+}
+
+/// A tree whose metadata pack the bucket lost, with a copy in a *data* pack (another host
+/// stored a file holding the same bytes without knowing of the tree): GC finds the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_metadata_pack_with_a_copy_in_a_data_pack_does_not_stop_gc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = source(&tmp);
+    std::fs::write(src.join("a"), b"hello").unwrap();
+    let (inner, repo) = repository(&tmp, "c1").await;
+    let store: Arc<dyn ObjectStore> = inner.clone();
+    let pushed = push_dir(&repo, &src).await;
+    let snap = repo.load_snapshot(&pushed).await.unwrap();
+    let cairn_store::format::tree::NodeKind::Dir { tree } = snap.root.kind else { panic!("a directory") };
+    let tree_bytes = repo.read_chunk(&tree).await.unwrap();
+    let meta = segments(&inner).await[0].1.packs.iter().find(|p| p.kind == PackKind::Meta).unwrap().clone();
+    assert!(meta.chunks.iter().any(|e| e.id == tree));
+
+    // The other host's data pack, built in a bucket of its own, then indexed here alone.
+    let decoy = tmp.path().join("decoy");
+    std::fs::create_dir_all(&decoy).unwrap();
+    std::fs::write(decoy.join("t"), &tree_bytes).unwrap();
+    let (elsewhere, other) = repository(&tmp, "c0").await;
+    push_dir(&other, &decoy).await;
+    let data = segments(&elsewhere)
+        .await
+        .into_iter()
+        .flat_map(|(_, s)| s.packs)
+        .find(|p| p.kind == PackKind::Data && p.chunks.iter().any(|e| e.id == tree))
+        .expect("the tree's bytes in a data pack");
+    let name = Path::from(pack::object_name(&data.id));
+    inner.put(&name, elsewhere.get(&name).await.unwrap().bytes().await.unwrap().into()).await.unwrap();
+    let (seg_id, seg_bytes) = IndexSegment { packs: vec![data], supersedes: vec![] }.encode();
+    inner.put(&Path::from(cairn_store::format::index::object_name(&seg_id)), seg_bytes.into()).await.unwrap();
+    inner.delete(&Path::from(pack::object_name(&meta.id))).await.unwrap();
+
+    let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
+    let report = gc(&collector, &GcOptions::default(), &NoProgress, &AtomicBool::new(false)).await.unwrap();
+    assert_eq!(report.packs_missing, 1, "{report:?}");
+    assert_eq!(report.snapshots, 1, "{report:?}");
+    let reader = Repository::open_on(store, "memory://", &tmp.path().join("c2")).await.unwrap();
+    assert_eq!(reader.read_chunk(&tree).await.unwrap(), tree_bytes);
+}
+
+/// A mostly dead pack that the bucket lost is not a repacking candidate (it cannot be read):
+/// it leaves the index, and GC carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_mostly_dead_pack_is_dropped_not_repacked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = source(&tmp);
+    let bytes = |seed: u32| -> Vec<u8> {
+        (0..75_000u32).flat_map(|i| (i ^ seed).wrapping_mul(2_654_435_761).to_le_bytes()).collect()
+    };
+    std::fs::write(src.join("x"), bytes(1)).unwrap();
+    std::fs::write(src.join("y"), bytes(0xdead_beef)).unwrap();
+    let (inner, repo) = repository(&tmp, "c1").await;
+    let store: Arc<dyn ObjectStore> = inner.clone();
+    let first = push_dir(&repo, &src).await;
+    std::fs::remove_file(src.join("y")).unwrap();
+    push_dir(&repo, &src).await;
+    inner.delete(&Path::from(cairn_store::format::snapshot::object_name(&first))).await.unwrap();
+    // The data pack, half of it y's (now dead), is lost.
+    let data = segments(&inner)
+        .await
+        .into_iter()
+        .flat_map(|(_, s)| s.packs)
+        .find(|p| p.kind == PackKind::Data)
+        .unwrap();
+    inner.delete(&Path::from(pack::object_name(&data.id))).await.unwrap();
+
+    let collector = Repository::open_bare_on(store.clone(), "memory://").await.unwrap();
+    let opts = GcOptions { repack_below: 0.9, ..Default::default() };
+    let report = gc(&collector, &opts, &NoProgress, &AtomicBool::new(false)).await.unwrap();
+    assert_eq!(report.packs_missing, 1, "{report:?}");
+    assert_eq!(report.packs_repacked, 0, "{report:?}");
+    let left = segments(&inner).await;
+    assert!(left.iter().all(|(_, s)| s.packs.iter().all(|p| p.id != data.id)), "still indexed");
 }

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +27,7 @@ use cairn_store::format::snapshot::{Kind, Snapshot, SnapshotStats};
 use cairn_store::format::tree::{Content, Extent, Node, NodeKind, Tree};
 use cairn_store::format::volume::{self, Head};
 use cairn_store::lease::WriterLease;
+use cairn_store::push::NoProgress;
 use cairn_store::{Id, Repository};
 use futures::stream::BoxStream;
 use object_store::memory::InMemory;
@@ -452,6 +454,9 @@ enum Act {
     Forget,
     Gc {
         revoke_at_once: bool,
+        /// Interrupt the run (as Ctrl-C does) after this many milliseconds of simulated
+        /// time, then run again at once: the interrupted run released its claim.
+        interrupt_after_ms: Option<u16>,
     },
 }
 
@@ -461,7 +466,8 @@ fn act() -> impl Strategy<Value = Act> {
         2 => proptest::collection::vec(0u8..10, 1..4).prop_map(|blobs| Act::VolumeCommit { blobs }),
         2 => (0u8..4).prop_map(|to| Act::Rollback { to }),
         1 => Just(Act::Forget),
-        2 => any::<bool>().prop_map(|revoke_at_once| Act::Gc { revoke_at_once }),
+        2 => (any::<bool>(), proptest::option::of(0u16..50))
+            .prop_map(|(revoke_at_once, interrupt_after_ms)| Act::Gc { revoke_at_once, interrupt_after_ms }),
     ]
 }
 
@@ -524,7 +530,7 @@ fn run_world(
                         };
                         let _ = forget(&repo, &opts, SystemTime::now()).await;
                     }
-                    Act::Gc { revoke_at_once } => {
+                    Act::Gc { revoke_at_once, interrupt_after_ms } => {
                         let opts = GcOptions {
                             lease_timeout: if revoke_at_once {
                                 Duration::ZERO
@@ -535,7 +541,18 @@ fn run_world(
                             max_wait: Duration::from_secs(2),
                             ..Default::default()
                         };
-                        let _ = gc(&repo, &opts).await;
+                        let cancel = Arc::new(AtomicBool::new(false));
+                        if let Some(ms) = interrupt_after_ms {
+                            let flag = cancel.clone();
+                            tokio::task::spawn_local(async move {
+                                tokio::time::sleep(Duration::from_millis(ms.into())).await;
+                                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                            });
+                        }
+                        let first = gc(&repo, &opts, &NoProgress, &cancel).await;
+                        if matches!(first, Err(cairn_store::Error::Interrupted)) {
+                            let _ = gc(&repo, &opts, &NoProgress, &AtomicBool::new(false)).await;
+                        }
                     }
                 }
             })));
@@ -547,7 +564,11 @@ fn run_world(
         let repo = Repository::open_on(store.clone(), "sim://", &tmp.path().join("final")).await.unwrap();
         let opts =
             GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
-        ACTOR.scope(usize::MAX - 1, async { gc(&repo, &opts).await.map_err(|e| e.to_string()) }).await?;
+        ACTOR
+            .scope(usize::MAX - 1, async {
+                gc(&repo, &opts, &NoProgress, &AtomicBool::new(false)).await.map_err(|e| e.to_string())
+            })
+            .await?;
         // Whatever is committed is readable through the index, and nothing dead is left. Read
         // as the next process would: GC reads the index from the bucket and leaves the local
         // chunk index of its handle as it was, naming packs it repacked and deleted.
@@ -639,7 +660,7 @@ fn a_rollback_whose_base_was_collected_meanwhile_commits_nothing() {
         assert_eq!(report.removed, 2, "versions 1 and 2 go, the head stays");
         let opts =
             GcOptions { lease_timeout: Duration::ZERO, poll: Duration::from_millis(5), ..Default::default() };
-        let collected = gc(&other, &opts).await.unwrap();
+        let collected = gc(&other, &opts, &NoProgress, &AtomicBool::new(false)).await.unwrap();
         assert!(collected.packs_deleted >= 1, "the pack only version 2 used is deleted");
         release.notify_one();
         let result = rollback.await.unwrap();

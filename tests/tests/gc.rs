@@ -389,3 +389,66 @@ fn an_unchanged_large_file_is_read_again_when_its_data_packs_are_condemned() {
     assert_eq!(third["files_unchanged"], 0, "reused content whose data is condemned: {third}");
     assert!(third["stats"]["new_chunks"].as_u64().unwrap() > 256, "{third}");
 }
+
+/// Ctrl-C stops a gc where it is safe to and releases its claim on gc/state: the next run
+/// starts at once (a killed run holds gc/state for the lease timeout) and finishes the job,
+/// and nothing live is lost.
+#[test]
+fn an_interrupted_gc_releases_its_claim_and_the_next_run_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("repo");
+    let repo = Repo::local(&dir);
+    repo.ok(&["init"]);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    write_random(&a.join("only-a"), 2 << 20, 11);
+    write_random(&b.join("only-b"), 1 << 20, 12);
+    repo.push(&a, &["--expire-in", "1s"]);
+    let kept = repo.push(&b, &[]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    repo.ok(&["forget"]);
+    // A writer in flight, heartbeat fresh: gc condemns a's pack, then waits for it.
+    std::fs::create_dir_all(dir.join("leases")).unwrap();
+    let lease = dir.join("leases/writer-in-flight");
+    let beat = humantime_rfc3339(std::time::SystemTime::now());
+    std::fs::write(
+        &lease,
+        format!(r#"{{"format": 1, "host": "elsewhere", "pid": 1, "heartbeat": "{beat}", "state": {{"state": "active"}}}}"#),
+    )
+    .unwrap();
+    let mut gc = repo.cmd(&["gc", "--max-wait", "1h"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let state = || -> serde_json::Value {
+        std::fs::read(dir.join("gc/state"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let waiting = std::time::Instant::now();
+    while state()["condemned"].as_array().is_none_or(|c| c.is_empty()) {
+        assert!(waiting.elapsed().as_secs() < 60, "gc never condemned anything: {}", state());
+        assert!(gc.try_wait().unwrap().is_none(), "gc exited before condemning");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(state()["finished"], false);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(gc.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let out = gc.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("the next run finishes the job"), "{stderr}");
+    // Released, and still condemning: writers keep avoiding those packs until a run decides.
+    let released = state();
+    assert_eq!(released["finished"], true, "{released}");
+    assert!(!released["condemned"].as_array().unwrap().is_empty(), "{released}");
+
+    std::fs::remove_file(&lease).unwrap();
+    let run = repo.json(&["gc"]);
+    assert!(run["bytes_freed"].as_u64().unwrap() >= 2 << 20, "a's pack is freed: {run}");
+    assert_eq!(state()["condemned"].as_array().unwrap().len(), 0, "{}", state());
+    let check = repo.json(&["check", "--read-data"]);
+    assert_eq!(check["damage"].as_array().unwrap().len(), 0, "{check}");
+    let restored = tmp.path().join("restored");
+    repo.ok(&["restore", &kept, restored.to_str().unwrap()]);
+    assert_same_tree(&b, &restored);
+}

@@ -127,7 +127,7 @@ impl SegmentWriter {
         assert_eq!(self.entries_left, 0, "the previous pack's entries are missing");
         self.write(&(head.id, head.kind, head.len, head.chunks));
         self.count += 1;
-        self.chunks += head.chunks;
+        self.chunks = self.chunks.saturating_add(head.chunks);
         self.entries_left = head.chunks;
     }
 
