@@ -329,6 +329,19 @@ fn check(store: &InMemory) -> Result<(), String> {
     })
 }
 
+fn file(name: Vec<u8>, size: u64, content: Content) -> Node {
+    Node {
+        name,
+        kind: NodeKind::File { size, content },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+        xattrs: vec![],
+        link_group: None,
+    }
+}
+
 /// A writer built from push's parts: lease → GC state → index; no dedup against condemned packs.
 async fn write_snapshot(
     repo: &Repository,
@@ -353,19 +366,8 @@ async fn write_snapshot(
             if blobs.len() >= 2 && i + 1 == blobs.len() {
                 continue; // named only by the chunk list below
             }
-            nodes.push(Node {
-                name: format!("f{i}").into_bytes(),
-                kind: NodeKind::File {
-                    size: b.len() as u64,
-                    content: Content::Extents(vec![Extent { chunk: Some(id), len: b.len() as u64 }]),
-                },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime_ns: 0,
-                xattrs: vec![],
-                link_group: None,
-            });
+            let content = Content::Extents(vec![Extent { chunk: Some(id), len: b.len() as u64 }]);
+            nodes.push(file(format!("f{i}").into_bytes(), b.len() as u64, content));
         }
         // A file long enough to keep its extents in chunk-list objects (metadata that names
         // data, shared between snapshots made of the same blobs).
@@ -378,16 +380,7 @@ async fn write_snapshot(
             let size = extents.iter().map(|e| e.len).sum();
             let (content, objects) = tree::build_content(extents);
             lists = objects;
-            nodes.push(Node {
-                name: b"many".to_vec(),
-                kind: NodeKind::File { size, content },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime_ns: 0,
-                xattrs: vec![],
-                link_group: None,
-            });
+            nodes.push(file(b"many".to_vec(), size, content));
         }
         let trees = Tree::build(nodes);
         let top = trees.last().unwrap().id;
